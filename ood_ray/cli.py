@@ -1,0 +1,185 @@
+"""The ``ood-ray`` command line: data shards, the embedded benchmark, training."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig
+from .data.manifest import GROUPS, ROLES, DataError
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``--batch-size``, ``--no-nesterov``, ...)."""
+    p.add_argument("--config", help="YAML/JSON file with config keys; flags override it")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        if f.name == "method_params":
+            p.add_argument("--param", dest="method_params", action="append", metavar="KEY=VALUE", help="a method hyperparameter (repeatable), e.g. --param lam=0.5")
+        elif base is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif typing.get_origin(base) is list:
+            p.add_argument(flag, dest=f.name, nargs="+", type=float, default=None)
+        else:
+            p.add_argument(flag, dest=f.name, type=base if base in (int, float) else str, default=None)
+
+
+def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    overrides = {k: getattr(ns, k) for k in names if getattr(ns, k, None) is not None}
+    if "method_params" in overrides:
+        params = {}
+        for item in overrides["method_params"]:
+            if "=" not in item:
+                raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
+            k, v = item.split("=", 1)
+            params[k] = _parse_value(v)
+        overrides["method_params"] = params
+    if ns.config:
+        return TrainConfig.from_file(ns.config, **overrides)
+    return TrainConfig.from_dict(overrides, where="command line")
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .train import run_training
+
+    cfg = config_from_args(ns)
+    out = run_training(cfg)
+    m = out.metrics
+    print()
+    print(f"Finished in {out.wall_time_s:.0f}s: {cfg.method} / {cfg.backbone}, {cfg.epochs} epochs on {cfg.num_workers} workers")
+    print(f"  test accuracy {m.get('test_acc', float('nan')):.4f}   ECE {m.get('test_ece', float('nan')):.4f}")
+    print(f"  {'test OOD set':<14}{'AUROC':>8}{'FPR95':>8}{'FPR95_in':>10}{'AUPR_in':>9}{'AUPR_out':>10}")
+    sets = sorted({k.split("_")[2] for k in m if k.startswith("test_ood_") and k.endswith("_auroc") and k.count("_") == 3})
+    for name in [*sets, "near", "far", "all"]:
+        pre = "test_" if name == "all" else f"test_{name}_" if name in GROUPS else f"test_ood_{name}_"
+        if pre + "auroc" in m:
+            print(f"  {name:<14}{m[pre + 'auroc']:>8.4f}{m[pre + 'fpr95']:>8.4f}{m[pre + 'fpr95_in']:>10.4f}{m[pre + 'aupr_in']:>9.4f}{m[pre + 'aupr_out']:>10.4f}")
+    print(f"  MLflow run {out.run_id} (experiment {out.experiment!r})")
+    print(f"  checkpoint {out.checkpoint_path}")
+    print(f"  browse: mlflow ui --backend-store-uri {out.tracking_uri}")
+    return 0
+
+
+def cmd_build_default(ns: argparse.Namespace) -> int:
+    from .data.default import build_default
+
+    path = build_default(ns.out, seed=ns.seed, progress=True)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_verify(ns: argparse.Namespace) -> int:
+    from .data.manifest import Benchmark, Manifest
+
+    path = Path(ns.path)
+    is_bench = path.name == "benchmark.json" or (path.is_dir() and (path / "benchmark.json").exists())
+    if is_bench:
+        b = Benchmark.load(path, verify=True)
+        for m in b.all_manifests():
+            print(f"ok  {m.role:<9}{m.name:<22}{m.num_samples:>7} samples in {len(m.shards)} shards")
+    else:
+        m = Manifest.load(path, verify=True)
+        print(f"ok  {m.role:<9}{m.name:<22}{m.num_samples:>7} samples in {len(m.shards)} shards")
+    return 0
+
+
+def cmd_shard(ns: argparse.Namespace) -> int:
+    from .data import writer
+
+    kw = dict(name=ns.name, role=ns.role, group=ns.group, encoding=ns.encoding, maxcount=ns.maxcount, description=ns.description or "")
+    if ns.image_size:
+        kw["image_size"] = tuple(ns.image_size)
+    if ns.mode:
+        kw["mode"] = ns.mode
+    sources = [s for s in (ns.folder, ns.torchvision, ns.npz) if s]
+    if len(sources) != 1:
+        raise DataError("give exactly one source: --folder DIR, --torchvision NAME --root DIR, or --npz FILE")
+    if ns.folder:
+        kw.setdefault("mode", "RGB")
+        m = writer.write_folder_shards(ns.folder, ns.out, resize=bool(ns.image_size), **kw)
+    elif ns.torchvision:
+        if not ns.root:
+            raise DataError("--torchvision needs --root, the folder that already holds the dataset")
+        m = writer.write_torchvision_shards(ns.torchvision, ns.root, ns.out, split=ns.split, **kw)
+    else:
+        import numpy as np
+
+        try:
+            arrays = np.load(ns.npz, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{ns.npz}: cannot read ({e})") from None
+        for key in ("images", "labels"):
+            if key not in arrays:
+                raise DataError(f"{ns.npz}: no array named {key!r} (found: {', '.join(arrays.files)})")
+        names = ns.class_names or [str(i) for i in range(int(arrays["labels"].max()) + 1)]
+        if ns.role in ("outlier", "ood-val", "ood-test"):
+            names = []
+        m = writer.write_array_shards(arrays["images"], arrays["labels"], ns.out, class_names=names, **kw)
+    print(f"wrote {len(m.shards)} shards, {m.num_samples} samples: {m.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ood-ray", description="Train and tune OOD detectors on Ray, tracked in MLflow.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one model on Ray Train and log it to MLflow")
+    add_train_args(t)
+    t.set_defaults(fn=cmd_train)
+
+    d = sub.add_parser("data", help="write and check WebDataset shards")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    b = dsub.add_parser("build-default", help="build the embedded digits-ood benchmark")
+    b.add_argument("--out", required=True, help="output folder (benchmark.json and one sub-folder per set)")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(fn=cmd_build_default)
+    v = dsub.add_parser("verify", help="check a manifest or benchmark: files exist, sha256 matches")
+    v.add_argument("path", help="manifest.json, benchmark.json, or a folder holding one")
+    v.set_defaults(fn=cmd_verify)
+    s = dsub.add_parser("shard", help="convert an image folder, a torchvision dataset or numpy arrays to shards")
+    s.add_argument("--folder", help="image folder with one sub-folder per class")
+    s.add_argument("--torchvision", help="torchvision dataset class already on disk, e.g. CIFAR10, SVHN")
+    s.add_argument("--root", help="root folder of the torchvision dataset (never downloads)")
+    s.add_argument("--split", help="torchvision split: train/test (CIFAR) or train/test/extra (SVHN)")
+    s.add_argument("--npz", help=".npz file with arrays 'images' (uint8 N×H×W[×C]) and 'labels'")
+    s.add_argument("--out", required=True, help="output folder for the .tar shards and manifest.json")
+    s.add_argument("--name", required=True, help="set name, also the shard file prefix")
+    s.add_argument("--role", required=True, choices=ROLES)
+    s.add_argument("--group", choices=GROUPS, help="near or far, for OOD sets")
+    s.add_argument("--class-names", nargs="+", help="class names for --npz (default: 0..max label)")
+    s.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), help="resize images to H W")
+    s.add_argument("--mode", choices=("L", "RGB"))
+    s.add_argument("--encoding", choices=("png", "raw"), default="png")
+    s.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
+    s.add_argument("--description")
+    s.set_defaults(fn=cmd_shard)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .tracking import TrackingError
+
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.fn(ns)
+    except (ConfigError, DataError, TrackingError) as e:
+        print(f"ood-ray: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""One typed configuration for training, shared by the CLI, the jobs and the Ray workers.
+
+Values are checked when the config is built (``TrainConfig.from_dict`` / ``validate``), before any
+Ray work starts, and every error names the offending field and value. Paths are made absolute at
+that point, because Ray changes the working directory of its processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+RESULTS_ENV = "OOD_RAY_RESULTS"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field."""
+
+
+def results_dir() -> Path:
+    """Where results go by default: ``$OOD_RAY_RESULTS`` or ``./ood-ray-results`` (made absolute)."""
+    return Path(os.environ.get(RESULTS_ENV, "ood-ray-results")).expanduser().resolve()
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else a sqlite file in the results directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_dir() / 'mlflow.db'}"
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    method: str = "softmax"
+    backbone: str = "small_cnn"
+    data: str | None = None  # benchmark.json (or its folder); None = the embedded digits-ood
+    data_seed: int = 0  # seed of the embedded benchmark (only when data is None)
+    method_params: dict = field(default_factory=dict)  # method hyperparameters (see the method registry)
+    # optimisation
+    epochs: int = 8
+    batch_size: int = 64  # global batch: split evenly over the workers
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step (per step) | none
+    step_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training
+    step_gamma: float = 0.1
+    # data pipeline
+    augment_pad: int = 1  # random-crop padding in pixels (0 = off)
+    hflip: bool = False  # digits must not be flipped; turn on for natural images
+    shuffle_buffer: int = 1000
+    loader_workers: int = 0  # DataLoader processes per worker
+    eval_batch_size: int = 256
+    # Ray Train
+    num_workers: int = 2
+    use_gpu: bool | None = None  # None = use GPUs when the cluster has them
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    seed: int = 0
+    # results
+    storage_path: str | None = None  # Ray checkpoints; default <results>/ray
+    mlflow_uri: str | None = None  # default $MLFLOW_TRACKING_URI or sqlite:///<results>/mlflow.db
+    experiment: str = "ood-ray"
+    run_name: str | None = None
+
+    def validate(self) -> TrainConfig:
+        from .methods import METHODS
+        from .models import BACKBONES
+
+        def bad(name, why):
+            raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        if self.method not in METHODS:
+            bad("method", f"unknown method; choose one of: {', '.join(sorted(METHODS))}")
+        if self.backbone not in BACKBONES:
+            bad("backbone", f"unknown backbone; choose one of: {', '.join(sorted(BACKBONES))}")
+        for name in ("epochs", "batch_size", "num_workers", "eval_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "must be an integer >= 1")
+        if self.batch_size % self.num_workers:
+            bad("batch_size", f"must be divisible by num_workers={self.num_workers} (it is the global batch)")
+        if self.optimizer not in ("sgd", "adamw"):
+            bad("optimizer", "choose sgd or adamw")
+        if self.schedule not in ("cosine", "step", "none"):
+            bad("schedule", "choose cosine, step or none")
+        if not self.lr > 0:
+            bad("lr", "must be > 0")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0")
+        if not all(0 < m < 1 for m in self.step_milestones):
+            bad("step_milestones", "fractions of training strictly between 0 and 1")
+        if self.augment_pad < 0 or self.loader_workers < 0 or self.max_failures < 0:
+            bad("augment_pad" if self.augment_pad < 0 else "loader_workers" if self.loader_workers < 0 else "max_failures", "must be >= 0")
+        if not self.cpus_per_worker > 0:
+            bad("cpus_per_worker", "must be > 0 (fractions such as 0.5 are fine)")
+        try:
+            METHODS[self.method].check_params(self.method_params)
+        except ValueError as e:
+            raise ConfigError(f"method_params={self.method_params!r}: {e}") from None
+        if self.data is not None:
+            self.data = str(Path(self.data).expanduser().resolve())
+        self.storage_path = str(Path(self.storage_path).expanduser().resolve()) if self.storage_path else str(results_dir() / "ray")
+        self.mlflow_uri = normalize_tracking_uri(self.mlflow_uri or default_tracking_uri())
+        return self
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.batch_size // self.num_workers
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> TrainConfig:
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(names)}")
+        return cls(**d).validate()
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> TrainConfig:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML/JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(d, where=str(path))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+
+def normalize_tracking_uri(uri: str) -> str:
+    """Make sqlite URIs absolute (Ray changes the working directory) and refuse file stores."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///") :]
+        return f"sqlite:///{Path(rel).expanduser().resolve()}"
+    if uri.startswith("file:") or "://" not in uri:
+        raise ConfigError(
+            f"mlflow_uri={uri!r}: MLflow 3.17 no longer writes file stores; use sqlite:////abs/path/mlflow.db "
+            "or an http(s):// tracking server"
+        )
+    return uri

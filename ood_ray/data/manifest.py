@@ -1,0 +1,273 @@
+"""Shard manifests and benchmark specs.
+
+A *manifest* (``manifest.json``) describes one set of WebDataset shards: its name, its role
+(``train``, ``val``, ``test``, ``outlier``, ``ood-val``, ``ood-test``), class names, image size and
+mode, and for every shard its URL, sample count and sha256.
+
+A *benchmark* (``benchmark.json``) names the manifests a training run reads: the ID train/val/test
+splits, the auxiliary outliers, and the validation and test OOD sets (each tagged near or far).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+FORMAT_VERSION = 1
+ID_ROLES = ("train", "val", "test")
+OOD_ROLES = ("outlier", "ood-val", "ood-test")
+ROLES = ID_ROLES + OOD_ROLES
+MODES = {"L": 1, "RGB": 3}
+GROUPS = ("near", "far")
+OOD_LABEL = -1
+
+
+class DataError(ValueError):
+    """A problem with data files: manifest, shard or sample. The message names the culprit."""
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith(("http://", "https://", "pipe:", "s3://", "gs://"))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ShardInfo:
+    url: str
+    count: int
+    sha256: str | None = None
+
+
+@dataclass
+class Manifest:
+    name: str
+    role: str
+    image_size: tuple[int, int]
+    mode: str
+    shards: list[ShardInfo]
+    class_names: list[str] = field(default_factory=list)
+    group: str | None = None
+    encoding: str = "png"
+    description: str = ""
+    format_version: int = FORMAT_VERSION
+    path: str | None = None  # where the manifest was read from; not serialized
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return MODES[self.mode]
+
+    @property
+    def is_ood(self) -> bool:
+        return self.role in OOD_ROLES
+
+    def urls(self) -> list[str]:
+        """Shard URLs, relative local paths resolved against the manifest's directory."""
+        base = Path(self.path).parent if self.path else Path.cwd()
+        out = []
+        for s in self.shards:
+            if is_remote(s.url) or os.path.isabs(s.url):
+                out.append(s.url)
+            else:
+                out.append(str((base / s.url).resolve()))
+        return out
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("path")
+        d["image_size"] = list(self.image_size)
+        d["num_samples"] = self.num_samples
+        return d
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        self.path = str(path.resolve())
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict, path: str | None = None) -> Manifest:
+        where = path or "<manifest>"
+        if not isinstance(d, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        required = ("name", "role", "image_size", "mode", "shards")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise DataError(f"{where}: missing key(s) {', '.join(missing)}")
+        known = {f for f in cls.__dataclass_fields__ if f != "path"} | {"num_samples"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DataError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        version = d.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise DataError(
+                f"{where}: format_version {version} is not supported (this ood_ray reads {FORMAT_VERSION})"
+            )
+        if d["role"] not in ROLES:
+            raise DataError(f"{where}: role {d['role']!r} is not one of {', '.join(ROLES)}")
+        if d["mode"] not in MODES:
+            raise DataError(f"{where}: mode {d['mode']!r} is not one of {', '.join(MODES)}")
+        size = d["image_size"]
+        if (
+            not isinstance(size, list | tuple)
+            or len(size) != 2
+            or not all(isinstance(v, int) and v > 0 for v in size)
+        ):
+            raise DataError(f"{where}: image_size must be [height, width] positive ints, got {size!r}")
+        group = d.get("group")
+        if group is not None and group not in GROUPS:
+            raise DataError(f"{where}: group {group!r} is not one of {', '.join(GROUPS)}")
+        shards = []
+        if not isinstance(d["shards"], list) or not d["shards"]:
+            raise DataError(f"{where}: 'shards' must be a non-empty list")
+        for i, s in enumerate(d["shards"]):
+            if not isinstance(s, dict) or "url" not in s or "count" not in s:
+                raise DataError(f"{where}: shards[{i}] needs 'url' and 'count'")
+            if not isinstance(s["count"], int) or s["count"] < 0:
+                raise DataError(f"{where}: shards[{i}].count must be a non-negative int, got {s['count']!r}")
+            shards.append(ShardInfo(url=s["url"], count=s["count"], sha256=s.get("sha256")))
+        class_names = list(d.get("class_names", []))
+        if d["role"] in ID_ROLES and not class_names:
+            raise DataError(f"{where}: role {d['role']!r} needs class_names")
+        m = cls(
+            name=d["name"],
+            role=d["role"],
+            image_size=(size[0], size[1]),
+            mode=d["mode"],
+            shards=shards,
+            class_names=class_names,
+            group=group,
+            encoding=d.get("encoding", "png"),
+            description=d.get("description", ""),
+            format_version=version,
+            path=path,
+        )
+        if "num_samples" in d and d["num_samples"] != m.num_samples:
+            raise DataError(
+                f"{where}: num_samples {d['num_samples']} != sum of shard counts {m.num_samples}"
+            )
+        return m
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = False) -> Manifest:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "manifest.json"
+        if not path.exists():
+            raise DataError(f"manifest not found: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        m = cls.from_dict(d, path=str(path.resolve()))
+        if verify:
+            m.verify()
+        return m
+
+    def verify(self) -> None:
+        """Check that local shards exist and match their recorded sha256.
+
+        Remote shards (http, pipe:) are not fetched here; the stream checks their contents.
+        """
+        where = self.path or self.name
+        for info, url in zip(self.shards, self.urls(), strict=True):
+            if is_remote(url):
+                continue
+            if not os.path.exists(url):
+                raise DataError(f"{where}: shard {url} does not exist")
+            if info.sha256 is not None:
+                got = sha256_file(url)
+                if got != info.sha256:
+                    raise DataError(
+                        f"{where}: shard {url} has sha256 {got}, manifest says {info.sha256} "
+                        "(the file changed or is truncated; rebuild the shards)"
+                    )
+
+
+@dataclass
+class Benchmark:
+    """The data of one training run: ID splits, auxiliary outliers, val/test OOD sets."""
+
+    name: str
+    train: Manifest
+    val: Manifest
+    test: Manifest
+    outlier: Manifest | None = None
+    ood_val: dict[str, Manifest] = field(default_factory=dict)
+    ood_test: dict[str, Manifest] = field(default_factory=dict)
+    path: str | None = None
+
+    def all_manifests(self) -> list[Manifest]:
+        ms = [self.train, self.val, self.test]
+        if self.outlier is not None:
+            ms.append(self.outlier)
+        return ms + list(self.ood_val.values()) + list(self.ood_test.values())
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.train.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = False) -> Benchmark:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "benchmark.json"
+        if not path.exists():
+            raise DataError(f"benchmark spec not found: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        base = path.parent
+
+        def load_manifest(key: str, rel: str, role: str) -> Manifest:
+            p = Path(rel) if os.path.isabs(rel) else base / rel
+            m = Manifest.load(p, verify=verify)
+            if m.role != role:
+                raise DataError(f"{path}: {key} points to {p} whose role is {m.role!r}, expected {role!r}")
+            return m
+
+        for key in ("train", "val", "test"):
+            if key not in d:
+                raise DataError(f"{path}: missing key {key!r}")
+        b = cls(
+            name=d.get("name", base.name),
+            train=load_manifest("train", d["train"], "train"),
+            val=load_manifest("val", d["val"], "val"),
+            test=load_manifest("test", d["test"], "test"),
+            outlier=load_manifest("outlier", d["outlier"], "outlier") if d.get("outlier") else None,
+            ood_val={k: load_manifest(f"ood_val.{k}", v, "ood-val") for k, v in d.get("ood_val", {}).items()},
+            ood_test={k: load_manifest(f"ood_test.{k}", v, "ood-test") for k, v in d.get("ood_test", {}).items()},
+            path=str(path.resolve()),
+        )
+        ref = b.train
+        for m in b.all_manifests():
+            if (m.image_size, m.mode) != (ref.image_size, ref.mode):
+                raise DataError(
+                    f"{m.path}: images are {m.mode} {list(m.image_size)}, but the training set "
+                    f"{ref.path} is {ref.mode} {list(ref.image_size)}"
+                )
+            if m.role in ID_ROLES and m.class_names != ref.class_names:
+                raise DataError(f"{m.path}: class_names differ from the training set {ref.path}")
+        return b

@@ -1,0 +1,329 @@
+"""Per-rank streams of batches read from WebDataset shards.
+
+How an epoch is split across ``world`` ranks (the rule the README documents):
+
+1. The shard list is shuffled with a seed derived from ``(seed, epoch)``; every rank computes the
+   same order from the manifest alone, without talking to the others.
+2. Whole rounds of ``world`` shards are dealt out one shard per rank. The remaining
+   ``n_shards % world`` shards are read by every rank, each keeping every ``world``-th sample
+   (sample ``j`` of the remainder goes to rank ``j % world``).
+3. Each sample of the epoch is therefore seen at most once, by exactly one rank. Every rank yields
+   exactly ``n_batches = min_r(samples of rank r) // batch_size`` full batches, so DDP never waits on
+   a rank that ran out; the few samples beyond that (the difference between ranks plus a partial
+   batch) are skipped this epoch and, because step 1 reshuffles, are different ones next epoch.
+
+Within a rank, samples pass a seeded shuffle buffer, are decoded and checked against the manifest
+(image present, size and mode, label in range), augmented, and grouped into uint8 batches. With
+``loader_workers > 0`` decoding runs in DataLoader worker processes, which split the rank's shards.
+
+Outlier streams repeat the rank's share forever (pass 0, 1, ...), reshuffled on every pass, so
+ranks never share an outlier image. Evaluation streams use
+the same split without shuffling and without dropping anything (ranks may differ by one batch).
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .manifest import OOD_LABEL, DataError, Manifest
+
+CHUNK = 32  # samples per message from a DataLoader worker to the training process
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard a rank reads: keep all samples, or those whose remainder index j has j % world == rank."""
+
+    url: str
+    count: int
+    offset: int | None = None  # index of the shard's first sample within the remainder shards
+    world: int = 1
+    rank: int = 0
+
+    def keeps(self, j: int) -> bool:
+        return self.offset is None or (self.offset + j) % self.world == self.rank
+
+    def kept(self) -> int:
+        if self.offset is None:
+            return self.count
+        return sum(1 for j in range(self.count) if self.keeps(j))
+
+
+def plan_epoch(manifest: Manifest, rank: int, world: int, epoch: int = 0, seed: int = 0, shuffle: bool = True) -> list[ShardTask]:
+    """The shards rank ``rank`` reads in ``epoch`` (see the module docstring)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside [0, {world})")
+    urls = manifest.urls()
+    order = np.arange(len(urls))
+    if shuffle:
+        order = np.random.default_rng([seed, epoch, 7]).permutation(len(urls))
+    n_full = (len(order) // world) * world
+    tasks = [ShardTask(urls[i], manifest.shards[i].count) for i in order[rank:n_full:world]]
+    offset = 0
+    for i in order[n_full:]:
+        count = manifest.shards[i].count
+        tasks.append(ShardTask(urls[i], count, offset=offset, world=world, rank=rank))
+        offset += count
+    return tasks
+
+
+def samples_per_rank(manifest: Manifest, world: int, epoch: int = 0, seed: int = 0, shuffle: bool = True) -> list[int]:
+    return [sum(t.kept() for t in plan_epoch(manifest, r, world, epoch, seed, shuffle)) for r in range(world)]
+
+
+def batches_per_epoch(manifest: Manifest, world: int, batch_size: int, epoch: int = 0, seed: int = 0) -> int:
+    """Full batches every rank yields in ``epoch`` (identical on all ranks)."""
+    n = min(samples_per_rank(manifest, world, epoch, seed)) // batch_size
+    if n == 0:
+        raise DataError(
+            f"{manifest.path or manifest.name}: {manifest.num_samples} samples are too few for "
+            f"{world} workers x batch {batch_size} per worker"
+        )
+    return n
+
+
+def read_shard(task: ShardTask) -> Iterator[dict]:
+    """Samples of one shard (grouped by key), checking the count against the manifest."""
+    n = 0
+    try:
+        for sample in wds.tariterators.tarfile_samples([{"url": task.url}], handler=wds.reraise_exception):
+            if task.keeps(n):
+                yield sample
+            n += 1
+    except DataError:
+        raise
+    except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+        raise DataError(f"shard {task.url}: cannot read ({type(e).__name__}: {e})") from e
+    if n != task.count:
+        raise DataError(
+            f"shard {task.url}: holds {n} samples, the manifest says {task.count} "
+            "(truncated or replaced shard?)"
+        )
+
+
+def decode_sample(sample: dict, manifest: Manifest) -> tuple[np.ndarray, int, str]:
+    """(uint8 C×H×W image, label, key) with every field checked against the manifest."""
+    key = sample.get("__key__", "?")
+    where = f"shard {sample.get('__url__', '?')}, sample {key!r}"
+    enc = manifest.encoding
+    if enc not in sample:
+        fields = sorted(k for k in sample if not k.startswith("__"))
+        raise DataError(f"{where}: no '{enc}' image (fields: {', '.join(fields) or 'none'})")
+    if "cls" not in sample:
+        raise DataError(f"{where}: no 'cls' label")
+    try:
+        label = int(sample["cls"])
+    except ValueError:
+        raise DataError(f"{where}: 'cls' is not an integer: {sample['cls'][:20]!r}") from None
+    if manifest.is_ood:
+        if label != OOD_LABEL:
+            raise DataError(f"{where}: label {label} in an outlier/OOD set (expected {OOD_LABEL})")
+    elif not 0 <= label < manifest.num_classes:
+        raise DataError(f"{where}: label {label} outside the manifest's {manifest.num_classes} classes")
+    h, w = manifest.image_size
+    c = manifest.channels
+    data = sample[enc]
+    if enc == "raw":
+        arr = np.frombuffer(data, dtype=np.uint8)
+        if arr.size != h * w * c:
+            raise DataError(f"{where}: raw image has {arr.size} bytes, expected {h}x{w}x{c}")
+        arr = arr.reshape(h, w, c)
+    else:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                if im.mode != manifest.mode:
+                    raise DataError(f"{where}: image mode {im.mode}, manifest says {manifest.mode}")
+                if im.size != (w, h):
+                    raise DataError(f"{where}: image is {im.size[1]}x{im.size[0]}, manifest says {h}x{w}")
+                arr = np.asarray(im, dtype=np.uint8)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1)), label, key
+
+
+def augment(img: np.ndarray, rng: np.random.Generator, pad: int, hflip: bool) -> np.ndarray:
+    """Random crop after zero padding by ``pad`` pixels, and an optional horizontal flip."""
+    if pad > 0:
+        c, h, w = img.shape
+        padded = np.zeros((c, h + 2 * pad, w + 2 * pad), dtype=img.dtype)
+        padded[:, pad : pad + h, pad : pad + w] = img
+        y, x = rng.integers(0, 2 * pad + 1, size=2)
+        img = padded[:, y : y + h, x : x + w]
+    if hflip and rng.random() < 0.5:
+        img = img[:, :, ::-1]
+    return img
+
+
+def shuffled(it: Iterator, buffer: int, rng: np.random.Generator) -> Iterator:
+    if buffer <= 1:
+        yield from it
+        return
+    buf = []
+    for item in it:
+        if len(buf) < buffer:
+            buf.append(item)
+            continue
+        i = rng.integers(len(buf))
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class RankShards(IterableDataset):
+    """Chunks ``(images uint8 N×C×H×W, labels int64 N, keys)`` of one rank's share of one pass."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        rank: int,
+        world: int,
+        *,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        augment_pad: int = 0,
+        hflip: bool = False,
+        repeat: bool = False,
+        chunk: int = CHUNK,
+    ):
+        self.manifest = manifest
+        self.rank, self.world = rank, world
+        self.seed, self.epoch = seed, epoch
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
+        self.augment_pad, self.hflip = augment_pad, hflip
+        self.repeat, self.chunk = repeat, chunk
+
+    def _samples(self, pass_: int, wid: int, nworkers: int) -> Iterator[tuple[np.ndarray, int, str]]:
+        tasks = plan_epoch(self.manifest, self.rank, self.world, self.epoch, self.seed, self.shuffle)[wid::nworkers]
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, wid, pass_, 11])
+        if pass_ > 0:  # an endless stream keeps its shards and reorders them on every pass
+            tasks = [tasks[i] for i in rng.permutation(len(tasks))]
+        raw = (s for t in tasks for s in read_shard(t))
+        if self.shuffle:
+            raw = shuffled(raw, self.shuffle_buffer, rng)
+        for s in raw:
+            img, label, key = decode_sample(s, self.manifest)
+            if self.augment_pad or self.hflip:
+                img = augment(img, rng, self.augment_pad, self.hflip)
+            yield img, label, key
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        pass_ = 0
+        while True:
+            produced = 0
+            for chunk in chunked(self._samples(pass_, wid, nworkers), self.chunk):
+                produced += len(chunk[1])
+                yield chunk
+            if not self.repeat:
+                return
+            if not produced:
+                raise DataError(f"{self.manifest.path or self.manifest.name}: rank {self.rank} reader {wid} has no samples to repeat")
+            pass_ += 1
+
+
+def chunked(samples: Iterator, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    imgs, labels, keys = [], [], []
+    for img, label, key in samples:
+        imgs.append(img)
+        labels.append(label)
+        keys.append(key)
+        if len(imgs) == size:
+            yield torch.from_numpy(np.stack(imgs)), torch.tensor(labels, dtype=torch.int64), keys
+            imgs, labels, keys = [], [], []
+    if imgs:
+        yield torch.from_numpy(np.stack(imgs)), torch.tensor(labels, dtype=torch.int64), keys
+
+
+def rebatch(chunks, batch_size: int, n_batches: int | None, drop_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """Regroup chunks into batches of exactly ``batch_size``, stopping after ``n_batches``."""
+    xs, ys, ks, have, done = [], [], [], 0, 0
+    for x, y, k in chunks:
+        xs.append(x)
+        ys.append(y)
+        ks.extend(k)
+        have += len(y)
+        while have >= batch_size:
+            X, Y = torch.cat(xs), torch.cat(ys)
+            yield X[:batch_size], Y[:batch_size], ks[:batch_size]
+            done += 1
+            if n_batches is not None and done >= n_batches:
+                return
+            xs, ys, ks, have = [X[batch_size:]], [Y[batch_size:]], ks[batch_size:], have - batch_size
+    if have and not drop_last:
+        yield torch.cat(xs), torch.cat(ys), ks
+    elif n_batches is not None and done < n_batches:
+        raise DataError(f"stream ended after {done} of {n_batches} batches (a shard is shorter than its manifest says)")
+
+
+def _loader(ds: RankShards, loader_workers: int, n_tasks: int):
+    workers = min(loader_workers, n_tasks)
+    if workers <= 0:
+        return iter(ds)
+    return iter(DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False, prefetch_factor=4))
+
+
+def train_batches(
+    manifest: Manifest,
+    rank: int,
+    world: int,
+    batch_size: int,
+    epoch: int,
+    *,
+    seed: int = 0,
+    shuffle_buffer: int = 1000,
+    augment_pad: int = 0,
+    hflip: bool = False,
+    loader_workers: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """Exactly ``batches_per_epoch(...)`` batches of this rank's share of ``epoch``."""
+    n = batches_per_epoch(manifest, world, batch_size, epoch, seed)
+    ds = RankShards(manifest, rank, world, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, augment_pad=augment_pad, hflip=hflip)
+    tasks = len(plan_epoch(manifest, rank, world, epoch, seed))
+    return rebatch(_loader(ds, loader_workers, tasks), batch_size, n, drop_last=True)
+
+
+def outlier_batches(
+    manifest: Manifest,
+    rank: int,
+    world: int,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle_buffer: int = 1000,
+    augment_pad: int = 0,
+    hflip: bool = False,
+    loader_workers: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """An endless stream of outlier batches; each rank reads a different part of the set."""
+    if min(samples_per_rank(manifest, world, epoch, seed)) == 0:
+        raise DataError(f"{manifest.path or manifest.name}: too few outlier samples for {world} workers")
+    ds = RankShards(manifest, rank, world, seed=seed + 1, epoch=epoch, shuffle_buffer=shuffle_buffer, augment_pad=augment_pad, hflip=hflip, repeat=True)
+    tasks = len(plan_epoch(manifest, rank, world, epoch, seed + 1))
+    return rebatch(_loader(ds, loader_workers, tasks), batch_size, None, drop_last=True)
+
+
+def eval_batches(manifest: Manifest, rank: int, world: int, batch_size: int, loader_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """This rank's share of a whole split, every sample exactly once over all ranks, in order."""
+    ds = RankShards(manifest, rank, world, shuffle=False)
+    tasks = len(plan_epoch(manifest, rank, world, shuffle=False))
+    return rebatch(_loader(ds, loader_workers, tasks), batch_size, None, drop_last=False)
+

@@ -1,0 +1,241 @@
+"""Write image sets as WebDataset ``.tar`` shards plus a ``manifest.json``.
+
+Every sample holds ``__key__``, the image bytes (``png`` or ``raw``: uint8 H×W×C bytes) and ``cls``
+(the class index, or -1 for outlier/OOD images). Bytes are deterministic for the same input: tar
+headers carry a fixed mtime and owner, PNGs are written without timestamps.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from .manifest import FORMAT_VERSION, MODES, OOD_LABEL, OOD_ROLES, ROLES, DataError, Manifest, ShardInfo, sha256_file
+
+ENCODINGS = ("png", "raw")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def to_pil(image, mode: str, size: tuple[int, int], where: str, resize: bool = False) -> Image.Image:
+    """Turn a PIL image or a uint8 array (H×W or H×W×C) into a PIL image of the given mode/size."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise DataError(f"{where}: array dtype is {image.dtype}, expected uint8 (scale images to 0..255)")
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        if image.ndim not in (2, 3):
+            raise DataError(f"{where}: array shape {image.shape} is not H×W or H×W×C")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise DataError(f"{where}: expected a PIL image or uint8 array, got {type(image).__name__}")
+    if image.mode != mode:
+        image = image.convert(mode)
+    h, w = size
+    if image.size != (w, h):
+        if not resize:
+            raise DataError(
+                f"{where}: image is {image.size[1]}x{image.size[0]} (HxW), expected {h}x{w}; "
+                "pass a resize size to convert"
+            )
+        image = image.resize((w, h), Image.BILINEAR)
+    return image
+
+
+def encode_image(image: Image.Image, encoding: str) -> bytes:
+    if encoding == "png":
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", compress_level=6)
+        return buf.getvalue()
+    if encoding == "raw":
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8)).tobytes()
+    raise DataError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+
+
+def write_shards(
+    samples: Iterable[tuple[str, object, int]],
+    out_dir: str | Path,
+    *,
+    name: str,
+    role: str,
+    image_size: tuple[int, int],
+    mode: str = "RGB",
+    class_names: Sequence[str] = (),
+    group: str | None = None,
+    description: str = "",
+    encoding: str = "png",
+    maxcount: int = 10000,
+    maxsize: float = 1e9,
+    total: int | None = None,
+    resize: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Write ``(key, image, label)`` samples to ``out_dir/{name}-NNNNNN.tar`` and ``manifest.json``.
+
+    Images are PIL images or uint8 arrays and must already have ``image_size`` (H, W) unless
+    ``resize`` is set. Labels must lie in ``[0, len(class_names))`` for ID roles and be -1 for
+    outlier/OOD roles.
+    """
+    if role not in ROLES:
+        raise DataError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    if mode not in MODES:
+        raise DataError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if encoding not in ENCODINGS:
+        raise DataError(f"encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
+    if maxcount < 1:
+        raise DataError(f"maxcount must be >= 1, got {maxcount}")
+    is_ood = role in OOD_ROLES
+    if not is_ood and not class_names:
+        raise DataError(f"role {role!r} needs class names")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob(f"{name}-*.tar"):
+        old.unlink()
+    size = (int(image_size[0]), int(image_size[1]))
+    finished: list[str] = []
+    counts: list[int] = []
+    sink = None
+
+    def shard_done(fname: str) -> None:
+        finished.append(fname)
+        counts.append(sink.total - sum(counts))
+
+    seen: set[str] = set()
+    pattern = str(out_dir / f"{name}-%06d.tar")
+    bar = tqdm(total=total, desc=f"writing {name}", unit="img", disable=not progress, leave=False)
+    with wds.ShardWriter(
+        pattern, maxcount=maxcount, maxsize=maxsize, post=shard_done, verbose=0, mtime=0.0, user="ood_ray", group="ood_ray"
+    ) as sink:
+        for key, image, label in samples:
+            where = f"sample {key!r}"
+            if "." in key or "/" in key:
+                raise DataError(f"{where}: keys may not contain '.' or '/'")
+            if key in seen:
+                raise DataError(f"{where}: duplicate key")
+            seen.add(key)
+            label = int(label)
+            if is_ood and label != OOD_LABEL:
+                raise DataError(f"{where}: label {label} for role {role!r}; outlier/OOD samples carry -1")
+            if not is_ood and not 0 <= label < len(class_names):
+                raise DataError(f"{where}: label {label} outside [0, {len(class_names)}) for {name!r}")
+            img = to_pil(image, mode, size, where, resize=resize)
+            sink.write({"__key__": key, encoding: encode_image(img, encoding), "cls": str(label).encode()})
+            bar.update(1)
+    bar.close()
+    if not seen:
+        for f in finished:
+            os.unlink(f)
+        raise DataError(f"no samples to write for {name!r}")
+    shards = [
+        ShardInfo(url=os.path.basename(f), count=c, sha256=sha256_file(f))
+        for f, c in zip(finished, counts, strict=True)
+    ]
+    manifest = Manifest(
+        name=name,
+        role=role,
+        image_size=size,
+        mode=mode,
+        shards=shards,
+        class_names=list(class_names),
+        group=group,
+        encoding=encoding,
+        description=description,
+        format_version=FORMAT_VERSION,
+    )
+    manifest.save(out_dir / "manifest.json")
+    return manifest
+
+
+def array_samples(images: np.ndarray, labels: Sequence[int] | np.ndarray, prefix: str = "") -> Iterator[tuple[str, np.ndarray, int]]:
+    if len(images) != len(labels):
+        raise DataError(f"{len(images)} images but {len(labels)} labels")
+    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
+        yield f"{prefix}{i:07d}", img, int(y)
+
+
+def write_array_shards(images: np.ndarray, labels, out_dir: str | Path, *, key_prefix: str = "", **kw) -> Manifest:
+    """Write a uint8 array N×H×W (grayscale) or N×H×W×C with one label per image."""
+    images = np.asarray(images)
+    if images.ndim not in (3, 4):
+        raise DataError(f"images array has shape {images.shape}; expected N×H×W or N×H×W×C")
+    kw.setdefault("image_size", images.shape[1:3])
+    kw.setdefault("mode", "L" if images.ndim == 3 or images.shape[3] == 1 else "RGB")
+    return write_shards(array_samples(images, labels, key_prefix), out_dir, total=len(images), **kw)
+
+
+def folder_samples(root: Path) -> tuple[list[str], list[tuple[str, Path, int]]]:
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders (expected ROOT/<class>/<image>)")
+    items = []
+    for ci, c in enumerate(classes):
+        files = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        for f in files:
+            items.append((f"{len(items):08d}", f, ci))
+    if not items:
+        raise DataError(f"{root}: no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
+    return classes, items
+
+
+def write_folder_shards(root: str | Path, out_dir: str | Path, *, role: str, image_size=None, **kw) -> Manifest:
+    """Write an image folder with one sub-folder per class (sorted names give class indices)."""
+    root = Path(root)
+    classes, items = folder_samples(root)
+    if image_size is None:
+        with Image.open(items[0][1]) as im:
+            image_size = (im.size[1], im.size[0])
+
+    def gen():
+        for key, f, y in items:
+            try:
+                with Image.open(f) as im:
+                    im.load()
+                    img = im.copy()
+            except OSError as e:
+                raise DataError(f"{f}: cannot read image ({e})") from None
+            yield key, img, (OOD_LABEL if role in OOD_ROLES else y)
+
+    if role in OOD_ROLES:
+        kw.setdefault("description", f"images from {root}")
+        return write_shards(gen(), out_dir, role=role, image_size=image_size, total=len(items), **kw)
+    return write_shards(gen(), out_dir, role=role, image_size=image_size, class_names=classes, total=len(items), **kw)
+
+
+def write_torchvision_shards(dataset: str, root: str | Path, out_dir: str | Path, *, role: str, split: str | None = None, **kw) -> Manifest:
+    """Write a torchvision dataset that is already on disk (e.g. CIFAR10, SVHN); never downloads."""
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, dataset, None)
+    if cls is None or not isinstance(cls, type):
+        raise DataError(f"unknown torchvision dataset {dataset!r} (e.g. CIFAR10, CIFAR100, SVHN, MNIST)")
+    args: dict = {"root": str(root), "download": False}
+    if split is not None:
+        if dataset in ("SVHN", "STL10", "CelebA", "Places365"):
+            args["split"] = split
+        else:
+            args["train"] = split == "train"
+    try:
+        ds = cls(**args)
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"cannot open torchvision {dataset} under {root}: {e}") from None
+    class_names = [str(c) for c in getattr(ds, "classes", [])] or [str(i) for i in range(10)]
+    first, _ = ds[0]
+    kw.setdefault("image_size", (first.size[1], first.size[0]))
+    kw.setdefault("mode", "L" if first.mode == "L" else "RGB")
+
+    def gen():
+        for i in range(len(ds)):
+            img, y = ds[i]
+            yield f"{i:08d}", img, (OOD_LABEL if role in OOD_ROLES else int(y))
+
+    if role in OOD_ROLES:
+        return write_shards(gen(), out_dir, role=role, total=len(ds), **kw)
+    return write_shards(gen(), out_dir, role=role, class_names=class_names, total=len(ds), **kw)

@@ -1,0 +1,103 @@
+"""Evaluation: score a split on this rank, gather all ranks, compute ID and OOD metrics.
+
+The gathered arrays are sorted by sample key, so the metrics do not depend on how the split was
+divided between ranks: a 2-worker evaluation equals a single-process one on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import metrics as M
+from .data.manifest import Benchmark, Manifest
+from .data.streams import eval_batches
+from .methods import Method
+
+
+def normalize(x: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 N×C×H×W batch -> float in [-1, 1] on ``device``."""
+    return x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def collect(model, method: Method, manifest: Manifest, rank: int, world: int, device, batch_size: int) -> dict[str, np.ndarray]:
+    """This rank's share of ``manifest``: method outputs (logits and scores), labels and keys."""
+    model = unwrap(model).eval()
+    parts: dict[str, list] = {"labels": [], "keys": []}
+    for x, y, keys in eval_batches(manifest, rank, world, batch_size):
+        out = method.eval_batch(model, normalize(x, device))
+        for k, v in out.items():
+            parts.setdefault(k, []).append(v.detach().float().cpu().numpy())
+        parts["labels"].append(y.numpy())
+        parts["keys"].extend(keys)
+    res = {k: np.concatenate(v) if k != "keys" and v else np.asarray(v) for k, v in parts.items()}
+    res["keys"] = np.asarray(parts["keys"], dtype=object)
+    return res
+
+
+def gather(local: dict[str, np.ndarray], world: int) -> dict[str, np.ndarray]:
+    """All ranks' arrays concatenated and sorted by key (identical on every rank)."""
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        parts: list = [None] * world
+        dist.all_gather_object(parts, local)
+    else:
+        parts = [local]
+    parts = [p for p in parts if len(p["keys"])]
+    if not parts:
+        return local
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(merged["keys"].astype(str), kind="stable")
+    return {k: v[order] for k, v in merged.items()}
+
+
+def id_metrics(out: dict[str, np.ndarray], n_bins: int = 15) -> dict[str, float]:
+    logits = out["logits"].astype(np.float64)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    return M.classification_metrics(probs, out["labels"], n_bins=n_bins)
+
+
+def split_metrics(
+    prefix: str,
+    id_out: dict[str, np.ndarray],
+    ood_outs: dict[str, dict[str, np.ndarray]],
+    groups: dict[str, str | None],
+    score_names: list[str],
+    default_score: str,
+) -> dict[str, float]:
+    """Flat metrics for one split: ``{prefix}_acc``, per OOD set and score, and means.
+
+    Names: ``{prefix}_ood_{set}_{metric}`` for the method's default score,
+    ``{prefix}_ood_{set}_{score}_{metric}`` for the other scores, ``{prefix}_{metric}`` for the mean
+    over all OOD sets (default score) and ``{prefix}_{near|far}_{metric}`` for the group means.
+    """
+    res = {f"{prefix}_{k}": v for k, v in id_metrics(id_out).items()}
+    for score in score_names:
+        tag = "" if score == default_score else f"{score}_"
+        per_set = {name: M.ood_metrics(id_out[score], out[score]) for name, out in ood_outs.items()}
+        for name, ms in per_set.items():
+            res.update({f"{prefix}_ood_{name}_{tag}{k}": v for k, v in ms.items()})
+        if not per_set:
+            continue
+        res.update({f"{prefix}_{tag}{k}": v for k, v in M.mean_over_sets(per_set).items()})
+        for group in ("near", "far"):
+            members = {n: ms for n, ms in per_set.items() if groups.get(n) == group}
+            if members:
+                res.update({f"{prefix}_{group}_{tag}{k}": v for k, v in M.mean_over_sets(members).items()})
+    return res
+
+
+def evaluate_split(model, method: Method, bench: Benchmark, split: str, rank: int, world: int, device, batch_size: int) -> dict[str, float]:
+    """Metrics of ``split`` ('val' or 'test') over all ranks; every rank gets the same dict."""
+    id_manifest = bench.val if split == "val" else bench.test
+    ood = bench.ood_val if split == "val" else bench.ood_test
+    with torch.no_grad() if not method.eval_needs_grad else torch.enable_grad():
+        id_out = gather(collect(model, method, id_manifest, rank, world, device, batch_size), world)
+        ood_outs = {name: gather(collect(model, method, m, rank, world, device, batch_size), world) for name, m in ood.items()}
+    scores = list(method.scores())
+    return split_metrics(split, id_out, ood_outs, {n: m.group for n, m in ood.items()}, scores, method.default_score)

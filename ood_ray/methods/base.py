@@ -1,0 +1,75 @@
+"""What a training method is: a head, a training step, OOD scores and its hyperparameters.
+
+Methods are plain torch: no Ray, MLflow or I/O. The training loop and the tuner read everything
+they need from the ``Method`` object registered under the method's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+Scores = dict[str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class Method:
+    """Base class; subclasses set the class attributes and override what differs."""
+
+    name: str = ""
+    needs_outliers: bool = False
+    defaults: dict = {}
+    default_score: str = "msp"
+    eval_needs_grad: bool = False  # True when scoring needs input gradients (input preprocessing)
+
+    def __init__(self, params: dict | None = None):
+        self.params = {**self.defaults, **(params or {})}
+        self.check_params(self.params)
+
+    @classmethod
+    def check_params(cls, params: dict) -> None:
+        unknown = sorted(set(params) - set(cls.defaults))
+        if unknown:
+            known = ", ".join(sorted(cls.defaults)) or "none"
+            raise ValueError(f"method {cls.name!r}: unknown parameter(s) {', '.join(unknown)}; known: {known}")
+
+    def make_head(self, num_features: int, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def logits(self, output) -> torch.Tensor:
+        """Class logits from the model's output (which may carry extra heads)."""
+        return output
+
+    def training_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_out: torch.Tensor | None, state: dict) -> StepResult:
+        raise NotImplementedError
+
+    def scores(self) -> Scores:
+        """OOD scores by name, computed from the model's output; higher = more in-distribution."""
+        return {"msp": msp, "energy": energy}
+
+    def eval_batch(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Evaluation outputs of one batch: ``logits`` and one entry per score name."""
+        logits = self.logits(model(x))
+        return {"logits": logits, **{name: fn(logits) for name, fn in self.scores().items()}}
+
+    def initial_state(self) -> dict:
+        """Method state that evolves during training and is checkpointed (e.g. an adaptive λ)."""
+        return {}
+
+
+def msp(logits: torch.Tensor) -> torch.Tensor:
+    """Maximum softmax probability (Hendrycks & Gimpel 2017)."""
+    return torch.softmax(logits, dim=1).max(dim=1).values
+
+
+def energy(logits: torch.Tensor) -> torch.Tensor:
+    """Negative free energy, logsumexp of the logits (Liu et al. 2020)."""
+    return torch.logsumexp(logits, dim=1)

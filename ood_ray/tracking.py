@@ -1,0 +1,109 @@
+"""Everything MLflow: checking the store, runs, params, per-epoch metrics, models.
+
+Only driver-side processes write (the job's driver and the Ray Train controller, both on the head
+node), so a sqlite store is safe; multi-node clusters point ``--mlflow-uri`` at a tracking server.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from ray.train import UserCallback
+
+MAX_PARAM_LEN = 6000
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used; the message names the URI."""
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the URI, when the tracking store cannot be reached or created."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        import requests
+
+        try:
+            r = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        except requests.RequestException as e:
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({type(e).__name__}: {e})") from None
+        if r.status_code != 200:
+            raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {r.status_code}")
+        return
+    if parsed.scheme == "sqlite":
+        db = Path(uri[len("sqlite:///") :])
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingError(f"MLflow store {uri}: cannot create folder {db.parent} ({e})") from None
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
+        raise TrackingError(f"MLflow store {uri} cannot be used ({type(e).__name__}: {e})") from None
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def params_of(config: dict) -> list[Param]:
+    return [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flatten(config).items())]
+
+
+def numeric_metrics(metrics: dict) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        if math.isfinite(v):
+            out[k] = float(v)
+    return out
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int) -> None:
+    ts = int(time.time() * 1000)
+    batch = [Metric(k, v, ts, step) for k, v in numeric_metrics(metrics).items()]
+    for i in range(0, len(batch), 500):
+        client.log_batch(run_id, metrics=batch[i : i + 500])
+
+
+class EpochLogger(UserCallback):
+    """Ray Train callback (runs in the controller): logs each epoch's report to an MLflow run."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if not metrics:
+            return
+        m = metrics[0]
+        log_metrics(MlflowClient(self.tracking_uri), self.run_id, m, step=int(m.get("epoch", 0)))
+
+
+def log_pytorch_model(model, input_example, name: str = "model", registered_model_name: str | None = None):
+    """Log an (unwrapped) torch model; MLflow 3 exports it with torch.export from the example."""
+    model = getattr(model, "module", model).eval()
+    return mlflow.pytorch.log_model(
+        model, name=name, input_example=input_example, registered_model_name=registered_model_name
+    )

@@ -1,0 +1,273 @@
+"""Training on Ray Train: the per-worker loop and the driver that runs it and records it in MLflow.
+
+Flow: ``run_training`` (driver) checks config, data and MLflow, opens an MLflow run, builds a
+``TorchTrainer`` whose workers run ``train_loop_per_worker``; each epoch the workers train on their
+share of the shards, evaluate the whole val split (gathered across ranks), checkpoint and call
+``ray.train.report``; the controller-side ``EpochLogger`` logs the report to MLflow. After the
+last epoch the driver logs the final model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from mlflow.tracking import MlflowClient
+from ray.train.torch import TorchTrainer
+
+from . import tracking
+from .config import ConfigError, TrainConfig
+from .data.default import ensure_default
+from .data.manifest import Benchmark
+from .data.streams import batches_per_epoch, outlier_batches, train_batches
+from .evaluate import evaluate_split, normalize, unwrap
+from .methods import Method, get_method
+from .models import Classifier, build_backbone
+
+STATE_FILE = "state.pt"
+META_FILE = "model.json"
+
+
+def benchmark_path(cfg: TrainConfig) -> str:
+    return cfg.data if cfg.data else str(ensure_default(seed=cfg.data_seed))
+
+
+def load_benchmark(cfg: TrainConfig, verify: bool = False) -> Benchmark:
+    bench = Benchmark.load(benchmark_path(cfg), verify=verify)
+    method = get_method(cfg.method, cfg.method_params)
+    if method.needs_outliers and bench.outlier is None:
+        raise ConfigError(f"method {cfg.method!r} needs an outlier set, but {bench.path} has no 'outlier' entry")
+    return bench
+
+
+def build_model(cfg: TrainConfig, method: Method, bench: Benchmark) -> Classifier:
+    backbone = build_backbone(cfg.backbone, bench.train.channels, bench.train.image_size)
+    return Classifier(backbone, method.make_head(backbone.num_features, bench.num_classes))
+
+
+def model_meta(cfg: TrainConfig, bench: Benchmark) -> dict:
+    m = get_method(cfg.method, cfg.method_params)
+    return {
+        "method": cfg.method,
+        "method_params": m.params,
+        "backbone": cfg.backbone,
+        "class_names": bench.class_names,
+        "image_size": list(bench.train.image_size),
+        "mode": bench.train.mode,
+        "default_score": m.default_score,
+        "normalization": "x / 127.5 - 1 on uint8 pixels",
+    }
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
+    """Per-step schedule over the whole run."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=cfg.lr * 1e-3)
+    if cfg.schedule == "step":
+        milestones = sorted({max(1, int(f * total_steps)) for f in cfg.step_milestones})
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.step_gamma)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def all_reduce_mean(values: list[float], world: int) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if world > 1 and dist.is_initialized():
+        t = t.to(ray.train.torch.get_device()) if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t)
+        t = t.cpu() / world
+    return t.tolist()
+
+
+def save_checkpoint(directory: str, model, opt, sched, epoch: int, method_state: dict, cfg: TrainConfig, meta: dict) -> None:
+    torch.save(
+        {
+            "model": unwrap(model).state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "epoch": epoch,
+            "method_state": method_state,
+        },
+        os.path.join(directory, STATE_FILE),
+    )
+    cfg.save(os.path.join(directory, "config.json"))
+    Path(directory, META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_state(directory: str) -> dict:
+    """A checkpoint's tensors; ``weights_only`` so nothing is unpickled."""
+    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    cfg = TrainConfig.from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    bench = load_benchmark(cfg)
+    method = get_method(cfg.method, cfg.method_params)
+    torch.manual_seed(cfg.seed)
+    model = ray.train.torch.prepare_model(build_model(cfg, method, bench))
+    opt = make_optimizer(cfg, model)
+    bs = cfg.per_worker_batch
+    steps = [batches_per_epoch(bench.train, world, bs, e, cfg.seed) for e in range(cfg.epochs)]
+    sched = make_scheduler(cfg, opt, sum(steps))
+    state, start = method.initial_state(), 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            saved = load_state(d)
+        unwrap(model).load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        state, start = saved["method_state"], saved["epoch"] + 1
+        if rank == 0:
+            print(f"[ood-ray] resuming from the checkpoint of epoch {start}")
+    meta = model_meta(cfg, bench)
+    outliers = None
+    if method.needs_outliers:
+        ratio = method.params.get("outlier_ratio", 1)
+        outliers = outlier_batches(bench.outlier, rank, world, int(ratio * bs), seed=cfg.seed, epoch=start, augment_pad=cfg.augment_pad, hflip=cfg.hflip, loader_workers=cfg.loader_workers)
+
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        loss_sum, n, logs_sum = 0.0, 0, {}
+        batches = train_batches(bench.train, rank, world, bs, epoch, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, augment_pad=cfg.augment_pad, hflip=cfg.hflip, loader_workers=cfg.loader_workers)
+        for x, y, _ in batches:
+            x, y = normalize(x, device), y.to(device, non_blocking=True)
+            x_out = normalize(next(outliers)[0], device) if outliers is not None else None
+            res = method.training_step(model, x, y, x_out, state)
+            opt.zero_grad(set_to_none=True)
+            res.loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += res.loss.item()
+            n += 1
+            for k, v in res.logs.items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
+        train_time = time.perf_counter() - t0
+        keys = sorted(logs_sum)
+        reduced = all_reduce_mean([loss_sum / n] + [logs_sum[k] / n for k in keys], world)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": reduced[0],
+            **{f"train_{k}": v for k, v in zip(keys, reduced[1:], strict=True)},
+            "lr": opt.param_groups[0]["lr"],
+            "train_time_s": train_time,
+            "train_images": n * bs * world,
+        }
+        metrics.update({f"state_{k}": float(v) for k, v in state.items() if isinstance(v, int | float)})
+        t1 = time.perf_counter()
+        metrics.update(evaluate_split(model, method, bench, "val", rank, world, device, cfg.eval_batch_size))
+        if epoch + 1 == cfg.epochs:
+            metrics.update(evaluate_split(model, method, bench, "test", rank, world, device, cfg.eval_batch_size))
+        metrics["eval_time_s"] = time.perf_counter() - t1
+        if rank == 0:
+            print(
+                f"[ood-ray] epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
+                f"val_acc {metrics['val_acc']:.4f}  val_auroc {metrics.get('val_auroc', float('nan')):.4f}  "
+                f"val_fpr95 {metrics.get('val_fpr95', float('nan')):.4f}  "
+                f"({train_time:.1f}s train, {metrics['eval_time_s']:.1f}s eval)",
+                flush=True,
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                save_checkpoint(tmp, model, opt, sched, epoch, state, cfg, meta)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    metrics: dict
+    checkpoint_path: str
+    tracking_uri: str
+    experiment: str
+    wall_time_s: float
+
+
+def model_from_checkpoint(directory: str) -> tuple[Classifier, dict, TrainConfig]:
+    cfg = TrainConfig.from_dict(json.loads(Path(directory, "config.json").read_text()))
+    meta = json.loads(Path(directory, META_FILE).read_text())
+    bench = load_benchmark(cfg)
+    method = get_method(cfg.method, cfg.method_params)
+    model = build_model(cfg, method, bench)
+    model.load_state_dict(load_state(directory)["model"])
+    return model.eval(), meta, cfg
+
+
+def ensure_ray() -> None:
+    if not ray.is_initialized():
+        # Joins the cluster under `ray job submit` (RAY_ADDRESS is set), else starts a local Ray.
+        ray.init(log_to_driver=True)
+
+
+def run_training(cfg: TrainConfig) -> TrainOutcome:
+    """Train ``cfg`` on Ray Train and record it in MLflow; returns the run and final metrics."""
+    t0 = time.perf_counter()
+    cfg.validate()
+    bench = load_benchmark(cfg, verify=True)
+    tracking.check_tracking(cfg.mlflow_uri)
+    client = MlflowClient(cfg.mlflow_uri)
+    exp_id = tracking.ensure_experiment(client, cfg.experiment)
+    run = client.create_run(exp_id, run_name=cfg.run_name, tags={"ood_ray.method": cfg.method, "ood_ray.backbone": cfg.backbone, "ood_ray.data": bench.path})
+    run_id = run.info.run_id
+    print(f"[ood-ray] MLflow run {run_id} in experiment {cfg.experiment!r} at {cfg.mlflow_uri}", flush=True)
+    client.log_batch(run_id, params=tracking.params_of(cfg.to_dict()))
+    with tempfile.TemporaryDirectory() as tmp:
+        client.log_artifact(run_id, cfg.save(Path(tmp) / "config.json"))
+    try:
+        ensure_ray()
+        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=cfg.to_dict(),
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=f"train-{run_id}",
+                storage_path=cfg.storage_path,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                callbacks=[tracking.EpochLogger(cfg.mlflow_uri, run_id)],
+            ),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        client.set_tag(run_id, "ood_ray.checkpoint", result.checkpoint.path)
+        with result.checkpoint.as_directory() as d:
+            model, meta, _ = model_from_checkpoint(d)
+            client.log_artifact(run_id, str(Path(d) / META_FILE))
+        example = np.zeros((1, bench.train.channels, *bench.train.image_size), dtype=np.float32)
+        import mlflow
+
+        with mlflow.start_run(run_id=run_id):
+            tracking.log_pytorch_model(model, example)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException as e:
+        client.set_tag(run_id, "ood_ray.error", f"{type(e).__name__}: {e}"[:5000])
+        client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    wall = time.perf_counter() - t0
+    client.log_metric(run_id, "wall_time_s", wall)
+    return TrainOutcome(run_id, dict(result.metrics), result.checkpoint.path, cfg.mlflow_uri, cfg.experiment, wall)
