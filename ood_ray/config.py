@@ -41,8 +41,8 @@ class TrainConfig:
     data_seed: int = 0  # seed of the embedded benchmark (only when data is None)
     method_params: dict = field(default_factory=dict)  # method hyperparameters (see the method registry)
     # optimisation
-    epochs: int = 8
-    batch_size: int = 64  # global batch: split evenly over the workers
+    epochs: int = 15
+    batch_size: int = 32  # global batch: split evenly over the workers
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.05
     momentum: float = 0.9

@@ -10,7 +10,9 @@ last epoch the driver logs the final model.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -113,9 +115,23 @@ def load_state(directory: str) -> dict:
     return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
 
 
+def quiet_report_log() -> None:
+    """Ray 2.60 logs every report, metrics and all, under a logger named after its file."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def say(line: str) -> None:
+    """Progress line; bypasses Ray Train's print patch, which would echo it twice."""
+    sys.stdout.write(f"[ood-ray] {line}\n")
+    sys.stdout.flush()
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     cfg = TrainConfig.from_dict(config)
+    quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
@@ -138,7 +154,7 @@ def train_loop_per_worker(config: dict) -> None:
         sched.load_state_dict(saved["scheduler"])
         state, start = saved["method_state"], saved["epoch"] + 1
         if rank == 0:
-            print(f"[ood-ray] resuming from the checkpoint of epoch {start}")
+            say(f"resuming after the checkpoint of epoch {start}")
     meta = model_meta(cfg, bench)
     outliers = None
     if method.needs_outliers:
@@ -180,12 +196,11 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.update(evaluate_split(model, method, bench, "test", rank, world, device, cfg.eval_batch_size))
         metrics["eval_time_s"] = time.perf_counter() - t1
         if rank == 0:
-            print(
-                f"[ood-ray] epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
+            say(
+                f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"val_acc {metrics['val_acc']:.4f}  val_auroc {metrics.get('val_auroc', float('nan')):.4f}  "
                 f"val_fpr95 {metrics.get('val_fpr95', float('nan')):.4f}  "
-                f"({train_time:.1f}s train, {metrics['eval_time_s']:.1f}s eval)",
-                flush=True,
+                f"({train_time:.1f}s train, {metrics['eval_time_s']:.1f}s eval)"
             )
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -249,6 +264,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 callbacks=[tracking.EpochLogger(cfg.mlflow_uri, run_id)],
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             ),
         )
         result = trainer.fit()
@@ -261,6 +277,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
         example = np.zeros((1, bench.train.channels, *bench.train.image_size), dtype=np.float32)
         import mlflow
 
+        mlflow.set_tracking_uri(cfg.mlflow_uri)
         with mlflow.start_run(run_id=run_id):
             tracking.log_pytorch_model(model, example)
         client.set_terminated(run_id, "FINISHED")

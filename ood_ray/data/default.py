@@ -39,10 +39,11 @@ import zlib
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .manifest import OOD_LABEL, DataError
 from .writer import write_array_shards
@@ -79,6 +80,8 @@ MAXCOUNT = 128  # samples per shard: id-train (1077) gets 9 shards, outlier 16, 
 
 CROP_SIZES = (16, 64)  # photo crop side range in pixels (inclusive)
 FACE_CROP_SIZES = (16, 25)  # LFW images are 25×25
+BLOB_P, BLOB_SIGMA, BLOB_THRESHOLD = 0.7, 2.5, 0.72
+LETTER_HEIGHTS = (24, 32)  # glyph height in the 32×32 bitmap before rotation (inclusive)
 MIN_CROP_RANGE = 24  # reject (up to a few times) crops whose 8×8 means span fewer gray values
 CROP_TRIES = 20
 
@@ -119,7 +122,7 @@ def block_count(bitmaps: np.ndarray) -> np.ndarray:
     return b.reshape(n, IMAGE_SIZE, k, IMAGE_SIZE, w // IMAGE_SIZE).sum(axis=(2, 4), dtype=np.int64)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _area_weights(size: int, out: int = IMAGE_SIZE) -> np.ndarray:
     """Integer area weights (out×size): overlap of input pixel p with output cell i, in 1/out px."""
     p = np.arange(size)[None, :] * out
@@ -233,8 +236,14 @@ def uniform_noise(n: int, rng: np.random.Generator) -> np.ndarray:
     return levels_to_uint8(rng.integers(0, MAX_LEVEL + 1, size=(n, IMAGE_SIZE, IMAGE_SIZE)))
 
 
-def binary_blobs(n: int, rng: np.random.Generator, p: float = 0.7, sigma: float = 1.5, threshold: float = 0.75) -> np.ndarray:
-    """Bernoulli(p) 32×32 noise, Gaussian-blurred, thresholded into a bitmap, block-counted."""
+def binary_blobs(
+    n: int, rng: np.random.Generator, p: float = BLOB_P, sigma: float = BLOB_SIGMA, threshold: float = BLOB_THRESHOLD
+) -> np.ndarray:
+    """Bernoulli(p) 32×32 noise, Gaussian-blurred, thresholded into a bitmap, block-counted.
+
+    The Outlier Exposure recipe (p 0.7, blur, threshold ~0.75), with the blur widened so blobs
+    span a few of the 8×8 output pixels instead of washing out into noise.
+    """
     from scipy.ndimage import gaussian_filter
 
     noise = (rng.random((n, BITMAP_SIZE, BITMAP_SIZE)) < p).astype(np.float64)
@@ -245,38 +254,49 @@ def binary_blobs(n: int, rng: np.random.Generator, p: float = 0.7, sigma: float 
 RENDER_SIZE = 64  # font size the glyphs are rendered at before scaling into the 32×32 bitmap
 
 
-@lru_cache(maxsize=None)
-def _glyph(letter: str):
-    """The letter rendered large with Pillow's default font, cropped to its ink ("L" image).
+def render_glyph(letter: str, font) -> Image.Image:
+    """``letter`` drawn white on black with ``font`` and cropped to its ink ("L" image).
 
-    Pillow >= 10.1 with FreeType gives a scalable font; with only the bitmap font the small glyph
-    is scaled up (nearest) to the same height.
+    Small glyphs (Pillow's fixed-size bitmap font, used when FreeType is missing) are scaled up
+    (nearest) to three quarters of :data:`RENDER_SIZE`.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import ImageDraw
 
-    try:
-        font = ImageFont.load_default(size=RENDER_SIZE)
-    except (TypeError, ImportError, OSError):  # no FreeType: fixed-size bitmap font
-        font = ImageFont.load_default()
     canvas = Image.new("L", (3 * RENDER_SIZE, 3 * RENDER_SIZE), 0)
     ImageDraw.Draw(canvas).text((RENDER_SIZE // 2, RENDER_SIZE // 2), letter, fill=255, font=font)
-    glyph = canvas.crop(canvas.getbbox())
+    box = canvas.getbbox()
+    if box is None:
+        raise DataError(f"the default font has no glyph for {letter!r}")
+    glyph = canvas.crop(box)
     if glyph.height < RENDER_SIZE // 2:
         scale = (RENDER_SIZE * 3 // 4) / glyph.height
         glyph = glyph.resize((round(glyph.width * scale), round(glyph.height * scale)), Image.NEAREST)
     return glyph
 
 
+@cache
+def _glyph(letter: str) -> Image.Image:
+    """``letter`` rendered with Pillow's default font: scalable Aileron (Pillow >= 10.1 with
+    FreeType) at :data:`RENDER_SIZE`, else the fixed-size bitmap font."""
+    from PIL import ImageFont
+
+    try:
+        font = ImageFont.load_default(size=RENDER_SIZE)
+    except TypeError:  # Pillow < 10.1 takes no size
+        font = ImageFont.load_default()
+    return render_glyph(letter, font)
+
+
 def letter_bitmap(letter: str, rng: np.random.Generator) -> np.ndarray:
     """One jittered 32×32 binary bitmap of ``letter`` (stroke, size, rotation, position)."""
-    from PIL import Image, ImageFilter, ImageOps
+    from PIL import ImageFilter, ImageOps
 
     g = _glyph(letter)
     stroke = int(rng.integers(1, 5))  # dilation radius at render size: thin to bold pen
     pad = stroke + 1
     g = ImageOps.expand(g, border=pad, fill=0).filter(ImageFilter.MaxFilter(2 * stroke + 1))
     g = g.crop(g.getbbox())
-    height = int(rng.integers(22, BITMAP_SIZE + 1))
+    height = int(rng.integers(LETTER_HEIGHTS[0], LETTER_HEIGHTS[1] + 1))
     width = max(1, min(BITMAP_SIZE, round(g.width * height / g.height)))
     g = g.resize((width, height), Image.BILINEAR)
     g = g.rotate(float(rng.uniform(-15.0, 15.0)), resample=Image.BILINEAR, expand=True, fillcolor=0)
@@ -357,7 +377,8 @@ def ood_sets() -> list[OODSet]:
              "per-pixel Gaussian noise N(0.5, 1) clipped to [0, 1], x16 levels, x16"),
             ("uniform", "far", lambda rng: uniform_noise(N_OOD, rng), "per-pixel uniform levels 0..16, x16"),
             ("blobs", "far", lambda rng: binary_blobs(N_OOD, rng),
-             "binary blobs: Bernoulli(0.7) 32x32 noise, Gaussian blur sigma 1.5, threshold 0.75, "
+             f"binary blobs: Bernoulli({BLOB_P}) 32x32 noise, Gaussian blur sigma {BLOB_SIGMA}, "
+             f"threshold {BLOB_THRESHOLD}, "
              "4x4 block counts as levels 0..16, x16"),
             (
                 "letters", "near", lambda rng, a=alphabet: letters(N_OOD, rng, a),
@@ -475,7 +496,7 @@ def _file_lock(path: Path):
     try:
         import fcntl
 
-        f = open(path, "a")  # noqa: SIM115
+        f = open(path, "a")
     except (ImportError, OSError):
         yield
         return
