@@ -1,0 +1,213 @@
+"""Shard writer, manifest validation, and clear errors for every kind of bad data."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from conftest import write_toy
+from PIL import Image
+
+from ood_ray.data.manifest import Benchmark, DataError, Manifest
+from ood_ray.data.streams import eval_batches, read_shard, ShardTask
+from ood_ray.data.writer import write_array_shards, write_folder_shards
+
+
+def read_all(m: Manifest):
+    return [k for _, _, ks in eval_batches(m, 0, 1, 16) for k in ks]
+
+
+def test_writer_roundtrip_and_manifest(tmp_path):
+    images = np.arange(25 * 64, dtype=np.int64).reshape(25, 8, 8) % 256
+    m = write_array_shards(images.astype(np.uint8), [i % 3 for i in range(25)], tmp_path, name="x", role="train", class_names=["a", "b", "c"], maxcount=10, progress=False)
+    d = json.loads((tmp_path / "manifest.json").read_text())
+    assert d["num_samples"] == 25 and [s["count"] for s in d["shards"]] == [10, 10, 5]
+    assert d["role"] == "train" and d["class_names"] == ["a", "b", "c"] and d["image_size"] == [8, 8]
+    assert d["format_version"] == 1 and all(len(s["sha256"]) == 64 for s in d["shards"])
+    m2 = Manifest.load(tmp_path, verify=True)
+    got = {k: (x, y) for x, y, k in ((x, y, k) for X, Y, K in eval_batches(m2, 0, 1, 7) for x, y, k in zip(X, Y, K))}
+    for i in range(25):
+        x, y = got[f"{i:07d}"]
+        assert np.array_equal(x[0].numpy(), images[i].astype(np.uint8)) and int(y) == i % 3
+
+
+def test_raw_encoding_roundtrip(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 6, 5, 3), dtype=np.uint8)
+    m = write_array_shards(images, np.zeros(12, int), tmp_path, name="r", role="val", class_names=["a"], encoding="raw", image_size=(6, 5), progress=False)
+    x = torch_cat([X for X, _, _ in eval_batches(m, 0, 1, 5)])
+    assert np.array_equal(x.permute(0, 2, 3, 1).numpy(), images)
+
+
+def torch_cat(xs):
+    import torch
+
+    return torch.cat(xs)
+
+
+def test_writer_is_deterministic(tmp_path):
+    a = write_toy(tmp_path / "a", n=30)
+    b = write_toy(tmp_path / "b", n=30)
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+
+
+def test_image_folder(tmp_path):
+    for c, color in (("cat", 10), ("dog", 200)):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (12, 10), (color, i, 0)).save(tmp_path / "src" / c / f"{i}.png")
+    m = write_folder_shards(tmp_path / "src", tmp_path / "out", role="train", name="pets", progress=False)
+    assert m.class_names == ["cat", "dog"] and m.image_size == (10, 12) and m.num_samples == 6
+    labels = [int(y) for _, Y, _ in eval_batches(m, 0, 1, 10) for y in Y]
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1]
+    (tmp_path / "src" / "dog" / "odd.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="odd.png"):
+        write_folder_shards(tmp_path / "src", tmp_path / "out2", role="train", name="pets", progress=False)
+
+
+def test_writer_rejects_bad_labels_and_sizes(tmp_path):
+    with pytest.raises(DataError, match="label 3 outside"):
+        write_array_shards(np.zeros((2, 8, 8), np.uint8), [0, 3], tmp_path, name="x", role="train", class_names=["a", "b", "c"], progress=False)
+    with pytest.raises(DataError, match="-1"):
+        write_array_shards(np.zeros((2, 8, 8), np.uint8), [0, 1], tmp_path, name="x", role="outlier", progress=False)
+    from ood_ray.data.writer import write_shards
+
+    with pytest.raises(DataError, match="expected 8x8"):
+        write_shards([("a", np.zeros((9, 8), np.uint8), 0)], tmp_path, name="x", role="train", class_names=["a"], image_size=(8, 8), mode="L", progress=False)
+
+
+# --- bad shards and manifests -------------------------------------------------------------------
+
+
+def test_missing_shard_file(tmp_path):
+    m = write_toy(tmp_path)
+    (tmp_path / "toy-000001.tar").unlink()
+    with pytest.raises(DataError, match="toy-000001.tar does not exist"):
+        m.verify()
+    with pytest.raises(DataError, match="toy-000001.tar"):
+        read_all(m)
+
+
+def test_truncated_shard(tmp_path):
+    m = write_toy(tmp_path)
+    p = tmp_path / "toy-000002.tar"
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(DataError, match="sha256"):
+        Manifest.load(tmp_path, verify=True)
+    with pytest.raises(DataError, match="toy-000002.tar"):
+        read_all(m)
+
+
+def test_corrupt_shard(tmp_path):
+    m = write_toy(tmp_path)
+    p = tmp_path / "toy-000000.tar"
+    p.write_bytes(b"\x00garbage" * 300)
+    with pytest.raises(DataError, match="toy-000000.tar"):
+        read_all(m)
+
+
+def test_empty_shard(tmp_path):
+    m = write_toy(tmp_path)
+    (tmp_path / "toy-000003.tar").write_bytes(b"")
+    with pytest.raises(DataError, match=r"toy-000003.tar.*(holds 0 samples|cannot read)"):
+        read_all(m)
+
+
+def write_raw_tar(path, members: dict[str, bytes]):
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+
+
+def png(size=(8, 8), mode="L"):
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def hand_manifest(tmp_path, members, role="train", count=1):
+    write_raw_tar(tmp_path / "s-000000.tar", members)
+    d = {"name": "s", "role": role, "image_size": [8, 8], "mode": "L", "class_names": ["a", "b"] if role == "train" else [], "shards": [{"url": "s-000000.tar", "count": count}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    return Manifest.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "members,match",
+    [
+        ({"k1.cls": b"0"}, r"sample 'k1': no 'png' image"),
+        ({"k1.png": png()}, r"sample 'k1': no 'cls' label"),
+        ({"k1.png": png(), "k1.cls": b"7"}, r"sample 'k1': label 7 outside the manifest's 2 classes"),
+        ({"k1.png": png(), "k1.cls": b"x"}, r"sample 'k1': 'cls' is not an integer"),
+        ({"k1.png": b"\x89PNG broken", "k1.cls": b"0"}, r"sample 'k1': cannot decode image"),
+        ({"k1.png": png((9, 8)), "k1.cls": b"0"}, r"sample 'k1': image is 8x9, manifest says 8x8"),
+        ({"k1.png": png(mode="RGB"), "k1.cls": b"0"}, r"sample 'k1': image mode RGB, manifest says L"),
+    ],
+)
+def test_bad_samples_name_shard_and_key(tmp_path, members, match):
+    m = hand_manifest(tmp_path, members)
+    with pytest.raises(DataError, match=match) as e:
+        read_all(m)
+    assert "s-000000.tar" in str(e.value)
+
+
+def test_ood_sample_with_class_label(tmp_path):
+    m = hand_manifest(tmp_path, {"k1.png": png(), "k1.cls": b"3"}, role="ood-test")
+    with pytest.raises(DataError, match="label 3 in an outlier/OOD set"):
+        read_all(m)
+
+
+def test_count_mismatch(tmp_path):
+    m = hand_manifest(tmp_path, {"k1.png": png(), "k1.cls": b"0"}, count=2)
+    with pytest.raises(DataError, match="holds 1 samples, the manifest says 2"):
+        list(read_shard(ShardTask(m.urls()[0], 2)))
+
+
+@pytest.mark.parametrize(
+    "patch,match",
+    [
+        ({"role": "training"}, "role 'training' is not one of"),
+        ({"mode": "CMYK"}, "mode 'CMYK'"),
+        ({"image_size": [8]}, "image_size"),
+        ({"shards": []}, "non-empty"),
+        ({"format_version": 9}, "format_version 9"),
+        ({"colour": 1}, "unknown key"),
+        ({"class_names": []}, "needs class_names"),
+    ],
+)
+def test_manifest_validation(tmp_path, patch, match):
+    write_toy(tmp_path)
+    d = json.loads((tmp_path / "manifest.json").read_text())
+    d.update(patch)
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(DataError, match=match) as e:
+        Manifest.load(tmp_path)
+    assert "manifest.json" in str(e.value)
+
+
+def test_manifest_not_json_and_missing(tmp_path):
+    (tmp_path / "manifest.json").write_text("{oops")
+    with pytest.raises(DataError, match="not valid JSON"):
+        Manifest.load(tmp_path)
+    with pytest.raises(DataError, match="manifest not found"):
+        Manifest.load(tmp_path / "nope.json")
+
+
+def test_benchmark_checks_roles_and_sizes(tmp_path):
+    write_toy(tmp_path / "tr", name="tr")
+    write_toy(tmp_path / "va", name="va", role="val")
+    write_toy(tmp_path / "te", name="te", role="test", size=(9, 9))
+    spec = {"train": "tr/manifest.json", "val": "va/manifest.json", "test": "te/manifest.json"}
+    (tmp_path / "benchmark.json").write_text(json.dumps(spec))
+    with pytest.raises(DataError, match=r"te/manifest.json: images are L \[9, 9\]"):
+        Benchmark.load(tmp_path)
+    spec["test"] = "va/manifest.json"
+    (tmp_path / "benchmark.json").write_text(json.dumps(spec))
+    with pytest.raises(DataError, match="role is 'val', expected 'test'"):
+        Benchmark.load(tmp_path)
