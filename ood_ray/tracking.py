@@ -102,7 +102,10 @@ class EpochLogger(UserCallback):
 
 
 def log_pytorch_model(model, input_example, name: str = "model", registered_model_name: str | None = None):
-    """Log an (unwrapped) torch model; MLflow 3 exports it with torch.export from the example."""
+    """Log an (unwrapped) torch model; MLflow 3 exports it with torch.export from the example.
+
+    The example needs a batch of at least 2: torch.export fixes a batch dimension of 1.
+    """
     model = getattr(model, "module", model).eval()
     return mlflow.pytorch.log_model(
         model, name=name, input_example=input_example, registered_model_name=registered_model_name

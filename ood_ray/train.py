@@ -95,6 +95,17 @@ def all_reduce_mean(values: list[float], world: int) -> list[float]:
     return t.tolist()
 
 
+def sync_buffers(model: torch.nn.Module, world: int) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    Each rank's last training step updated its running statistics from its own batch, so without
+    this the ranks would evaluate slightly different models, none of them the checkpointed one.
+    """
+    if world > 1 and dist.is_initialized():
+        for buf in unwrap(model).buffers():
+            dist.broadcast(buf.data, src=0)
+
+
 def save_checkpoint(directory: str, model, opt, sched, epoch: int, method_state: dict, cfg: TrainConfig, meta: dict) -> None:
     torch.save(
         {
@@ -188,9 +199,11 @@ def train_loop_per_worker(config: dict) -> None:
             "lr": opt.param_groups[0]["lr"],
             "train_time_s": train_time,
             "train_images": n * bs * world,
+            "start_epoch": start,  # > 0 after resuming from a checkpoint
         }
         metrics.update({f"state_{k}": float(v) for k, v in state.items() if isinstance(v, int | float)})
         t1 = time.perf_counter()
+        sync_buffers(model, world)
         metrics.update(evaluate_split(model, method, bench, "val", rank, world, device, cfg.eval_batch_size))
         if epoch + 1 == cfg.epochs:
             metrics.update(evaluate_split(model, method, bench, "test", rank, world, device, cfg.eval_batch_size))
@@ -274,7 +287,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
         with result.checkpoint.as_directory() as d:
             model, meta, _ = model_from_checkpoint(d)
             client.log_artifact(run_id, str(Path(d) / META_FILE))
-        example = np.zeros((1, bench.train.channels, *bench.train.image_size), dtype=np.float32)
+        example = np.zeros((2, bench.train.channels, *bench.train.image_size), dtype=np.float32)
         import mlflow
 
         mlflow.set_tracking_uri(cfg.mlflow_uri)
