@@ -90,3 +90,51 @@ def test_too_small_for_world(tmp_path):
     m = write_toy(tmp_path, n=5, maxcount=10)
     with pytest.raises(ValueError, match="too few"):
         batches_per_epoch(m, 2, 4)
+
+
+def _count_batches_per_worker(config):
+    """Runs on each Ray Train worker: one epoch of the project's stream, keys written per rank."""
+    import json
+
+    import ray.train
+
+    from ood_ray.data.manifest import Manifest
+    from ood_ray.data.streams import train_batches
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    m = Manifest.load(config["manifest"])
+    for epoch in range(2):
+        keys = [k for _, _, ks in train_batches(m, rank, world, config["batch"], epoch) for k in ks]
+        with open(f"{config['out']}/rank{rank}-epoch{epoch}.json", "w") as f:
+            json.dump(keys, f)
+        ray.train.report({"epoch": epoch})  # a barrier: would hang if a rank had fewer batches
+
+
+def test_two_ray_train_workers_get_equal_disjoint_batches(ray_session, tmp_path):
+    """Real Ray Train, 2 workers, uneven shards (9 shards of 10 + 1 of 7)."""
+    import json
+
+    import sys
+
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+
+    m = write_toy(tmp_path / "shards", n=97, maxcount=10)
+    out = tmp_path / "keys"
+    out.mkdir()
+    trainer = TorchTrainer(
+        _count_batches_per_worker,
+        train_loop_config={"manifest": m.path, "batch": 8, "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="equal-batches"),
+    )
+    trainer.fit()
+    for epoch in range(2):
+        k0, k1 = (json.loads((out / f"rank{r}-epoch{epoch}.json").read_text()) for r in range(2))
+        assert len(k0) == len(k1) == batches_per_epoch(m, 2, 8, epoch) * 8
+        assert not set(k0) & set(k1)
+        assert len(set(k0) | set(k1)) >= 97 - 2 * 8 - 10  # skipped: a partial batch per rank + imbalance
