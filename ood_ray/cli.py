@@ -29,10 +29,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         base = next((a for a in args if a is not type(None)), hint) if args else hint
         if f.name == "method_params":
             p.add_argument("--param", dest="method_params", action="append", metavar="KEY=VALUE", help="a method hyperparameter (repeatable), e.g. --param lam=0.5")
+        elif typing.get_origin(hint) is list:
+            p.add_argument(flag, dest=f.name, nargs="+", type=args[0], default=None)
         elif base is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        elif typing.get_origin(base) is list:
-            p.add_argument(flag, dest=f.name, nargs="+", type=float, default=None)
         else:
             p.add_argument(flag, dest=f.name, type=base if base in (int, float) else str, default=None)
 

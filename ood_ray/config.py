@@ -105,7 +105,10 @@ class TrainConfig:
             raise ConfigError(f"method_params={self.method_params!r}: {e}") from None
         if self.data is not None:
             self.data = str(Path(self.data).expanduser().resolve())
-        self.storage_path = str(Path(self.storage_path).expanduser().resolve()) if self.storage_path else str(results_dir() / "ray")
+        if not self.storage_path:
+            self.storage_path = str(results_dir() / "ray")
+        elif "://" not in self.storage_path:  # s3://, gs://... pass through untouched
+            self.storage_path = str(Path(self.storage_path).expanduser().resolve())
         self.mlflow_uri = normalize_tracking_uri(self.mlflow_uri or default_tracking_uri())
         return self
 

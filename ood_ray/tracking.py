@@ -48,11 +48,23 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
         raise TrackingError(f"MLflow store {uri} cannot be used ({type(e).__name__}: {e})") from None
 
 
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a sqlite store live beside it (``mlartifacts/``), not in the current directory.
+
+    MLflow's default for a new experiment is ``./mlruns`` relative to whatever the working
+    directory is, which Ray changes. Tracking servers manage their own artifact store.
+    """
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///") :]).parent / "mlartifacts")
+    return None
+
+
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name)
+    root = artifact_root(client.tracking_uri)
+    return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:

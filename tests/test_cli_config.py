@@ -105,3 +105,28 @@ def test_cli_build_default_and_verify(tmp_path, capsys):
     assert main(["data", "verify", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
     assert out.count("ok ") == 16 and "1077 samples" in out
+
+
+def test_cli_list_and_bool_flags():
+    from ood_ray.cli import build_parser, config_from_args
+
+    ns = build_parser().parse_args(["train", "--step-milestones", "0.3", "0.6", "--no-nesterov", "--hflip", "--param", "x=1"])
+    assert ns.step_milestones == [0.3, 0.6] and ns.nesterov is False and ns.hflip is True
+    ns = build_parser().parse_args(["train", "--schedule", "step", "--step-milestones", "0.3", "0.6"])
+    assert config_from_args(ns).step_milestones == [0.3, 0.6]
+
+
+def test_storage_uri_is_kept():
+    assert TrainConfig.from_dict({"storage_path": "s3://bucket/ood"}).storage_path == "s3://bucket/ood"
+
+
+def test_sqlite_artifacts_live_beside_the_database(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from ood_ray.tracking import ensure_experiment
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "db").mkdir()
+    client = MlflowClient(f"sqlite:///{tmp_path}/db/mlflow.db")
+    exp = client.get_experiment(ensure_experiment(client, "e"))
+    assert exp.artifact_location.endswith(f"{tmp_path}/db/mlartifacts/e")

@@ -12,7 +12,7 @@ from conftest import write_toy
 from PIL import Image
 
 from ood_ray.data.manifest import Benchmark, DataError, Manifest
-from ood_ray.data.streams import eval_batches, read_shard, ShardTask
+from ood_ray.data.streams import ShardTask, eval_batches, read_shard
 from ood_ray.data.writer import write_array_shards, write_folder_shards
 
 
@@ -22,13 +22,13 @@ def read_all(m: Manifest):
 
 def test_writer_roundtrip_and_manifest(tmp_path):
     images = np.arange(25 * 64, dtype=np.int64).reshape(25, 8, 8) % 256
-    m = write_array_shards(images.astype(np.uint8), [i % 3 for i in range(25)], tmp_path, name="x", role="train", class_names=["a", "b", "c"], maxcount=10, progress=False)
+    write_array_shards(images.astype(np.uint8), [i % 3 for i in range(25)], tmp_path, name="x", role="train", class_names=["a", "b", "c"], maxcount=10, progress=False)
     d = json.loads((tmp_path / "manifest.json").read_text())
     assert d["num_samples"] == 25 and [s["count"] for s in d["shards"]] == [10, 10, 5]
     assert d["role"] == "train" and d["class_names"] == ["a", "b", "c"] and d["image_size"] == [8, 8]
     assert d["format_version"] == 1 and all(len(s["sha256"]) == 64 for s in d["shards"])
     m2 = Manifest.load(tmp_path, verify=True)
-    got = {k: (x, y) for x, y, k in ((x, y, k) for X, Y, K in eval_batches(m2, 0, 1, 7) for x, y, k in zip(X, Y, K))}
+    got = {k: (x, y) for x, y, k in ((x, y, k) for X, Y, K in eval_batches(m2, 0, 1, 7) for x, y, k in zip(X, Y, K, strict=False))}
     for i in range(25):
         x, y = got[f"{i:07d}"]
         assert np.array_equal(x[0].numpy(), images[i].astype(np.uint8)) and int(y) == i % 3

@@ -18,7 +18,7 @@ from ood_ray.data.streams import (
 
 def keys_of(batches):
     out, count = [], 0
-    for x, y, k in batches:
+    for _x, _y, k in batches:
         out.extend(k)
         count += 1
     return out, count
@@ -114,7 +114,6 @@ def _count_batches_per_worker(config):
 def test_two_ray_train_workers_get_equal_disjoint_batches(ray_session, tmp_path):
     """Real Ray Train, 2 workers, uneven shards (9 shards of 10 + 1 of 7)."""
     import json
-
     import sys
 
     from ray import cloudpickle

@@ -17,7 +17,17 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from .manifest import FORMAT_VERSION, MODES, OOD_LABEL, OOD_ROLES, ROLES, DataError, Manifest, ShardInfo, sha256_file
+from .manifest import (
+    FORMAT_VERSION,
+    MODES,
+    OOD_LABEL,
+    OOD_ROLES,
+    ROLES,
+    DataError,
+    Manifest,
+    ShardInfo,
+    sha256_file,
+)
 
 ENCODINGS = ("png", "raw")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -100,9 +110,8 @@ def write_shards(
     size = (int(image_size[0]), int(image_size[1]))
     finished: list[str] = []
     counts: list[int] = []
-    sink = None
 
-    def shard_done(fname: str) -> None:
+    def shard_done(fname: str) -> None:  # called by ShardWriter as each shard closes
         finished.append(fname)
         counts.append(sink.total - sum(counts))
 
