@@ -41,6 +41,19 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def read_json(path: str | Path, default_name: str, what: str) -> tuple[Path, object]:
+    """Read ``path`` (or ``path/default_name`` for a folder) as JSON, with errors naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / default_name
+    if not path.exists():
+        raise DataError(f"{what} not found: {path}")
+    try:
+        return path, json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
 @dataclass
 class ShardInfo:
     url: str
@@ -167,15 +180,7 @@ class Manifest:
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = False) -> Manifest:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "manifest.json"
-        if not path.exists():
-            raise DataError(f"manifest not found: {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
+        path, d = read_json(path, "manifest.json", "manifest")
         m = cls.from_dict(d, path=str(path.resolve()))
         if verify:
             m.verify()
@@ -230,15 +235,7 @@ class Benchmark:
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = False) -> Benchmark:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "benchmark.json"
-        if not path.exists():
-            raise DataError(f"benchmark spec not found: {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
+        path, d = read_json(path, "benchmark.json", "benchmark spec")
         base = path.parent
 
         def load_manifest(key: str, rel: str, role: str) -> Manifest:
