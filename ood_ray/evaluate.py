@@ -99,5 +99,26 @@ def evaluate_split(model, method: Method, bench: Benchmark, split: str, rank: in
     with torch.no_grad() if not method.eval_needs_grad else torch.enable_grad():
         id_out = gather(collect(model, method, id_manifest, rank, world, device, batch_size), world)
         ood_outs = {name: gather(collect(model, method, m, rank, world, device, batch_size), world) for name, m in ood.items()}
-    scores = list(method.scores())
-    return split_metrics(split, id_out, ood_outs, {n: m.group for n, m in ood.items()}, scores, method.default_score)
+    res = split_metrics(split, id_out, ood_outs, {n: m.group for n, m in ood.items()}, method.score_names(), method.default_score)
+    res.update(threshold_metrics(split, id_out, ood_outs, method.threshold_score, method.params.get("delta")))
+    return res
+
+
+def threshold_metrics(prefix: str, id_out, ood_outs, score: str, delta: float | None) -> dict[str, float]:
+    """The "don't know" operating point: reject when ``score < delta``.
+
+    ``{prefix}_abstain_rate`` (ID rejected), ``{prefix}_accuracy_accepted`` (accuracy on accepted
+    ID) and ``{prefix}_ood_{set}_reject_rate`` per OOD set, plus the mean ``{prefix}_reject_rate``.
+    """
+    if delta is None or not ood_outs:
+        return {}
+    correct = id_out["logits"].argmax(1) == id_out["labels"]
+    res, rejects = {}, []
+    for name, out in ood_outs.items():
+        r = M.threshold_report(id_out[score], out[score], float(delta), correct_in=correct)
+        res[f"{prefix}_ood_{name}_reject_rate"] = r["reject_rate_out"]
+        rejects.append(r["reject_rate_out"])
+    res[f"{prefix}_abstain_rate"] = r["abstain_rate_in"]
+    res[f"{prefix}_accuracy_accepted"] = r["accuracy_accepted_in"]
+    res[f"{prefix}_reject_rate"] = float(np.mean(rejects))
+    return res

@@ -31,7 +31,7 @@ from .config import ConfigError, TrainConfig
 from .data.default import ensure_default
 from .data.manifest import Benchmark
 from .data.streams import batches_per_epoch, outlier_batches, train_batches
-from .evaluate import evaluate_split, normalize, unwrap
+from .evaluate import collect, evaluate_split, gather, normalize, unwrap
 from .methods import Method, get_method
 from .models import Classifier, build_backbone
 
@@ -66,6 +66,9 @@ def model_meta(cfg: TrainConfig, bench: Benchmark) -> dict:
         "image_size": list(bench.train.image_size),
         "mode": bench.train.mode,
         "default_score": m.default_score,
+        "threshold_score": m.threshold_score,
+        "delta": m.params.get("delta"),
+        "exported_output": (m.flat_output.__doc__ or "logits").strip().splitlines()[0],
         "normalization": "x / 127.5 - 1 on uint8 pixels",
     }
 
@@ -93,6 +96,15 @@ def all_reduce_mean(values: list[float], world: int) -> list[float]:
         dist.all_reduce(t)
         t = t.cpu() / world
     return t.tolist()
+
+
+def post_train(model, method: Method, bench: Benchmark, rank: int, world: int, device, batch_size: int) -> dict:
+    """Run the method's calibration on the whole validation split (identical on every rank)."""
+    if type(method).calibrate is Method.calibrate:
+        return {}
+    with torch.no_grad():
+        val = gather(collect(model, method, bench.val, rank, world, device, batch_size), world)
+    return method.calibrate(unwrap(model), torch.from_numpy(val["logits"]), torch.from_numpy(val["labels"]))
 
 
 def sync_buffers(model: torch.nn.Module, world: int) -> None:
@@ -187,6 +199,9 @@ def train_loop_per_worker(config: dict) -> None:
             sched.step()
             loss_sum += res.loss.item()
             n += 1
+            if method.state_sync_keys:  # e.g. the confidence λ: every rank applies the same update
+                synced = all_reduce_mean([res.logs[k] for k in method.state_sync_keys], world)
+                method.update_state(state, dict(zip(method.state_sync_keys, synced, strict=True)))
             for k, v in res.logs.items():
                 logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
         train_time = time.perf_counter() - t0
@@ -204,6 +219,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.update({f"state_{k}": float(v) for k, v in state.items() if isinstance(v, int | float)})
         t1 = time.perf_counter()
         sync_buffers(model, world)
+        if epoch + 1 == cfg.epochs:  # post-hoc step (e.g. DisMax temperature) on the val split
+            metrics.update(post_train(model, method, bench, rank, world, device, cfg.eval_batch_size))
         metrics.update(evaluate_split(model, method, bench, "val", rank, world, device, cfg.eval_batch_size))
         if epoch + 1 == cfg.epochs:
             metrics.update(evaluate_split(model, method, bench, "test", rank, world, device, cfg.eval_batch_size))
@@ -221,6 +238,18 @@ def train_loop_per_worker(config: dict) -> None:
                 save_checkpoint(tmp, model, opt, sched, epoch, state, cfg, meta)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class ExportedModel(torch.nn.Module):
+    """The model as logged to MLflow: normalized images in, one tensor out (``method.flat_output``)."""
+
+    def __init__(self, model: torch.nn.Module, method: Method):
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.flat_output(self.model(x))
 
 
 @dataclass
@@ -292,7 +321,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
 
         mlflow.set_tracking_uri(cfg.mlflow_uri)
         with mlflow.start_run(run_id=run_id):
-            tracking.log_pytorch_model(model, example)
+            tracking.log_pytorch_model(ExportedModel(model, get_method(cfg.method, cfg.method_params)), example)
         client.set_terminated(run_id, "FINISHED")
     except BaseException as e:
         client.set_tag(run_id, "ood_ray.error", f"{type(e).__name__}: {e}"[:5000])

@@ -1,10 +1,14 @@
 """Training methods by name. Adding a method: one new module plus one line here."""
 
 from .base import Method, StepResult, energy, msp
+from .confidence import Confidence
+from .outlier_exposure import OutlierExposure
 from .softmax import Softmax
 
 METHODS: dict[str, type[Method]] = {
     Softmax.name: Softmax,
+    OutlierExposure.name: OutlierExposure,
+    Confidence.name: Confidence,
 }
 
 

@@ -29,6 +29,8 @@ class Method:
     defaults: dict = {}
     default_score: str = "msp"
     eval_needs_grad: bool = False  # True when scoring needs input gradients (input preprocessing)
+    threshold_score: str = "msp"  # the probability-like score the "don't know" threshold δ applies to
+    state_sync_keys: tuple[str, ...] = ()  # step logs averaged over ranks and passed to update_state
 
     def __init__(self, params: dict | None = None):
         self.params = {**self.defaults, **(params or {})}
@@ -40,6 +42,22 @@ class Method:
         if unknown:
             known = ", ".join(sorted(cls.defaults)) or "none"
             raise ValueError(f"method {cls.name!r}: unknown parameter(s) {', '.join(unknown)}; known: {known}")
+        full = {**cls.defaults, **params}
+        delta = full.get("delta")
+        if delta is not None and not 0.0 <= float(delta) <= 1.0:
+            raise ValueError(f"method {cls.name!r}: delta={delta} must lie in [0, 1] (a threshold on a probability)")
+        cls.validate(full)
+
+    @classmethod
+    def validate(cls, params: dict) -> None:
+        """Method-specific checks of the full parameter dict; raise ValueError naming the value."""
+
+    def update_state(self, state: dict, synced: dict[str, float]) -> None:
+        """Called after every optimizer step with ``state_sync_keys`` averaged over all ranks."""
+
+    def calibrate(self, model: nn.Module, val_logits: torch.Tensor, val_labels: torch.Tensor) -> dict[str, float]:
+        """Post-hoc step after training on the validation split; returns values to log."""
+        return {}
 
     def make_head(self, num_features: int, num_classes: int) -> nn.Module:
         raise NotImplementedError
@@ -59,6 +77,14 @@ class Method:
         """Evaluation outputs of one batch: ``logits`` and one entry per score name."""
         logits = self.logits(model(x))
         return {"logits": logits, **{name: fn(logits) for name, fn in self.scores().items()}}
+
+    def flat_output(self, output) -> torch.Tensor:
+        """Exported models return the class logits (MLflow needs a single output tensor)."""
+        return output
+
+    def score_names(self) -> list[str]:
+        """Every score ``eval_batch`` returns."""
+        return list(self.scores())
 
     def initial_state(self) -> dict:
         """Method state that evolves during training and is checkpointed (e.g. an adaptive λ)."""

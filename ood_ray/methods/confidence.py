@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .base import Method, StepResult
+
 EPS = 1e-12
 
 
@@ -168,3 +170,85 @@ __all__ = [
     "sample_hint_mask",
     "update_lambda",
 ]
+
+
+def cutout(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero one random ``size``×``size`` square per image (DeVries & Taylor 2017); the square is
+    centred anywhere in the image, so it may be partly outside it."""
+    n, _, h, w = x.shape
+    y0 = torch.randint(0, h, (n, 1, 1)) - size // 2
+    x0 = torch.randint(0, w, (n, 1, 1)) - size // 2
+    ys = torch.arange(h).view(1, h, 1)
+    xs = torch.arange(w).view(1, 1, w)
+    inside = (ys >= y0) & (ys < y0 + size) & (xs >= x0) & (xs < x0 + size)
+    return x * (~inside).unsqueeze(1).to(x.device, x.dtype)
+
+
+class Confidence(Method):
+    """The confidence branch: hints on about half of each batch, λ steered by the budget β."""
+
+    name = "confidence"
+    needs_outliers = False
+    defaults: dict = {"lam": 0.1, "budget": 0.3, "epsilon": 0.0, "delta": 0.5, "cutout": 0}
+    default_score = "confidence"
+    threshold_score = "confidence"
+    state_sync_keys = ("confidence_loss",)
+
+    def __init__(self, params: dict | None = None):
+        super().__init__(params)
+        self.eval_needs_grad = float(self.params["epsilon"]) > 0
+
+    @classmethod
+    def validate(cls, params: dict) -> None:
+        if float(params["lam"]) < 0:
+            raise ValueError(f"confidence: lam={params['lam']} must be >= 0")
+        if not float(params["budget"]) > 0:
+            raise ValueError(f"confidence: budget (β)={params['budget']} must be > 0")
+        if float(params["epsilon"]) < 0:
+            raise ValueError(f"confidence: epsilon (ε)={params['epsilon']} must be >= 0")
+        if int(params["cutout"]) < 0:
+            raise ValueError(f"confidence: cutout={params['cutout']} must be >= 0 (patch size, 0 = off)")
+
+    def make_head(self, num_features: int, num_classes: int) -> nn.Module:
+        return ConfidenceHead(num_features, num_classes)
+
+    def logits(self, output) -> torch.Tensor:
+        if not isinstance(output, tuple | list) or len(output) != 2:
+            raise ValueError("confidence model must return (logits, confidence_logit)")
+        return output[0]
+
+    def initial_state(self) -> dict:
+        return {"lam": float(self.params["lam"])}
+
+    def flat_output(self, output) -> torch.Tensor:
+        """Exported models return the K logits followed by the confidence logit (K + 1 columns)."""
+        return torch.cat([output[0], output[1].reshape(-1, 1)], dim=1)
+
+    def training_step(self, model, x, y, x_out, state) -> StepResult:
+        if int(self.params["cutout"]) > 0:
+            x = cutout(x, int(self.params["cutout"]))
+        out = model(x)
+        self.logits(out)
+        hint = sample_hint_mask(len(x), device=x.device)
+        total, task, conf = confidence_loss(out[0], out[1], y, state["lam"], hint)
+        return StepResult(total, {"task_loss": task.item(), "confidence_loss": conf.item()})
+
+    def update_state(self, state: dict, synced: dict[str, float]) -> None:
+        state["lam"] = update_lambda(state["lam"], synced["confidence_loss"], float(self.params["budget"]))
+
+    def scores(self):
+        return {"confidence": lambda out: torch.sigmoid(out[1].reshape(-1)), "msp": lambda out: torch.softmax(out[0], 1).max(1).values}
+
+    def eval_batch(self, model, x):
+        with torch.no_grad():
+            out = model(x)
+            res = {"logits": self.logits(out), **{k: fn(out) for k, fn in self.scores().items()}}
+        eps = float(self.params["epsilon"])
+        if eps > 0:
+            x_pre = preprocess_inputs(model, x, eps)
+            with torch.no_grad():
+                res["confidence_pre"] = torch.sigmoid(model(x_pre)[1].reshape(-1))
+        return res
+
+    def score_names(self) -> list[str]:
+        return [*self.scores(), *(["confidence_pre"] if float(self.params["epsilon"]) > 0 else [])]

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from .base import Method, StepResult
 
 
 def _uniform_ce(logits: torch.Tensor) -> torch.Tensor:
@@ -67,3 +70,30 @@ def oe_loss(
 
 
 __all__ = ["oe_loss"]
+
+
+class OutlierExposure(Method):
+    """OE training: ID and outlier images in one forward pass (BatchNorm sees both), scored by MSP."""
+
+    name = "outlier_exposure"
+    needs_outliers = True
+    defaults: dict = {"lam": 0.5, "outlier_ratio": 2, "delta": 0.15}
+    default_score = "msp"
+
+    @classmethod
+    def validate(cls, params: dict) -> None:
+        if float(params["lam"]) < 0:
+            raise ValueError(f"outlier_exposure: lam={params['lam']} must be >= 0")
+        if not float(params["outlier_ratio"]) > 0:
+            raise ValueError(f"outlier_exposure: outlier_ratio={params['outlier_ratio']} must be > 0")
+
+    def make_head(self, num_features: int, num_classes: int) -> nn.Module:
+        return nn.Linear(num_features, num_classes)
+
+    def training_step(self, model, x, y, x_out, state) -> StepResult:
+        if x_out is None:
+            raise ValueError("Outlier Exposure needs an outlier stream (the benchmark has no 'outlier' set)")
+        logits = self.logits(model(torch.cat([x, x_out])))
+        n = len(x)
+        loss = oe_loss(logits[:n], y, logits[n:], lam=float(self.params["lam"]))
+        return StepResult(loss)

@@ -11,7 +11,7 @@ from .base import Method, StepResult
 class Softmax(Method):
     name = "softmax"
     needs_outliers = False
-    defaults: dict = {}
+    defaults: dict = {"delta": 0.15}  # abstain below max-softmax 0.15
     default_score = "msp"
 
     def make_head(self, num_features: int, num_classes: int) -> nn.Module:

@@ -1,0 +1,61 @@
+"""Every registered method trains end to end on Ray Train (2 workers) and reports its own scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from ood_ray.config import ConfigError, TrainConfig
+from ood_ray.methods import METHODS, get_method
+from ood_ray.train import model_from_checkpoint, run_training
+
+
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"method": "outlier_exposure", "method_params": {"lam": -0.1}}, "lam=-0.1"),
+        ({"method": "confidence", "method_params": {"budget": 0}}, r"budget \(β\)=0"),
+        ({"method": "confidence", "method_params": {"epsilon": -1e-3}}, r"epsilon \(ε\)=-0.001"),
+        ({"method": "confidence", "method_params": {"delta": 1.5}}, "delta=1.5 must lie in"),
+        ({"method": "softmax", "method_params": {"delta": -0.1}}, "delta=-0.1"),
+        ({"method": "confidence", "method_params": {"lam": -1}}, "lam=-1"),
+    ],
+)
+def test_bad_method_params(params, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict(params)
+
+
+def test_confidence_model_must_return_confidence():
+    m = get_method("confidence")
+    with pytest.raises(ValueError, match=r"must return \(logits, confidence_logit\)"):
+        m.training_step(lambda x: torch.zeros(len(x), 3), torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), None, m.initial_state())
+
+
+def test_oe_without_outliers():
+    m = get_method("outlier_exposure")
+    with pytest.raises(ValueError, match="needs an outlier stream"):
+        m.training_step(lambda x: torch.zeros(len(x), 3), torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), None, {})
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "softmax"])
+def test_method_trains_on_ray(ray_session, digits_ood, tmp_path, method):
+    params = {"confidence": {"epsilon": 0.002}}.get(method, {})
+    cfg = TrainConfig.from_dict(dict(method=method, method_params=params, data=str(digits_ood), epochs=2, num_workers=2, cpus_per_worker=0.5, storage_path=str(tmp_path / "ray"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="m"))
+    out = run_training(cfg)
+    m = out.metrics
+    assert m["epoch"] == 2 and 0.0 <= m["test_auroc"] <= 1.0 and m["test_acc"] > 0.3
+    spec = get_method(method, params)
+    for score in spec.score_names():
+        tag = "" if score == spec.default_score else f"{score}_"
+        assert f"test_ood_letters_{tag}auroc" in m, score
+    assert 0.0 <= m["test_abstain_rate"] <= 1.0 and 0.0 <= m["test_ood_gaussian_reject_rate"] <= 1.0
+    run = MlflowClient(out.tracking_uri).get_run(out.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["method"] == method
+    model, meta, _ = model_from_checkpoint(out.checkpoint_path)
+    assert meta["method"] == method
+    if method == "confidence":
+        lam = MlflowClient(out.tracking_uri).get_metric_history(out.run_id, "state_lam")
+        assert len(lam) == 2 and lam[-1].value != 0.1, "λ must adapt and be logged"
+        assert "test_ood_letters_confidence_pre_auroc" in m
