@@ -20,6 +20,10 @@ from ood_ray.train import model_from_checkpoint, run_training
         ({"method": "confidence", "method_params": {"delta": 1.5}}, "delta=1.5 must lie in"),
         ({"method": "softmax", "method_params": {"delta": -0.1}}, "delta=-0.1"),
         ({"method": "confidence", "method_params": {"lam": -1}}, "lam=-1"),
+        ({"method": "dismax", "method_params": {"calibration_bounds": [0, 10]}}, "positive and increasing"),
+        ({"method": "dismax", "method_params": {"calibration_bounds": [5, 1]}}, "positive and increasing"),
+        ({"method": "dismax", "method_params": {"alpha": -1}}, "alpha=-1"),
+        ({"method": "dismax", "method_params": {"calibration_objective": "brier"}}, "brier"),
     ],
 )
 def test_bad_method_params(params, match):
@@ -31,6 +35,17 @@ def test_confidence_model_must_return_confidence():
     m = get_method("confidence")
     with pytest.raises(ValueError, match=r"must return \(logits, confidence_logit\)"):
         m.training_step(lambda x: torch.zeros(len(x), 3), torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), None, m.initial_state())
+
+
+def test_dismax_fpr_needs_batch_of_two():
+    from ood_ray.models import Classifier, build_backbone
+
+    m = get_method("dismax")
+    model = Classifier(build_backbone("small_cnn", 1, 8), m.make_head(128, 10))
+    with pytest.raises(ValueError, match="at least 2, got 1"):
+        m.training_step(model, torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long), None, {})
+    res = m.training_step(model, torch.randn(8, 1, 8, 8), torch.arange(8) % 10, None, {})
+    assert torch.isfinite(res.loss)
 
 
 def test_oe_without_outliers():
@@ -55,6 +70,9 @@ def test_method_trains_on_ray(ray_session, digits_ood, tmp_path, method):
     assert run.info.status == "FINISHED" and run.data.params["method"] == method
     model, meta, _ = model_from_checkpoint(out.checkpoint_path)
     assert meta["method"] == method
+    if method == "dismax":
+        assert m["temperature"] > 0 and float(model.head.temperature) == pytest.approx(m["temperature"])
+        assert "test_ood_letters_mps_auroc" in m
     if method == "confidence":
         lam = MlflowClient(out.tracking_uri).get_metric_history(out.run_id, "state_lam")
         assert len(lam) == 2 and lam[-1].value != 0.1, "λ must adapt and be logged"

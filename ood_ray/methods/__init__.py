@@ -2,6 +2,7 @@
 
 from .base import Method, StepResult, energy, msp
 from .confidence import Confidence
+from .dismax import DisMax
 from .outlier_exposure import OutlierExposure
 from .softmax import Softmax
 
@@ -9,6 +10,7 @@ METHODS: dict[str, type[Method]] = {
     Softmax.name: Softmax,
     OutlierExposure.name: OutlierExposure,
     Confidence.name: Confidence,
+    DisMax.name: DisMax,
 }
 
 
