@@ -74,6 +74,21 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from .compare import compare_methods
+    from .methods import METHODS
+
+    methods = ns.methods or list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    table, path, outcomes = compare_methods(config_from_args(ns), methods, ns.out)
+    print()
+    print(table)
+    print(f"table written to {path}; MLflow runs: {', '.join(o.run_id for o in outcomes.values())}")
+    return 0
+
+
 def cmd_build_default(ns: argparse.Namespace) -> int:
     from .data.default import build_default
 
@@ -140,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one model on Ray Train and log it to MLflow")
     add_train_args(t)
     t.set_defaults(fn=cmd_train)
+
+    c = sub.add_parser("compare", help="train several methods with the same settings and tabulate their test metrics")
+    add_train_args(c)
+    c.add_argument("--methods", nargs="+", help="methods to compare (default: all registered)")
+    c.add_argument("--out", help="Markdown file for the table (default: <results>/compare-<time>.md)")
+    c.set_defaults(fn=cmd_compare)
 
     d = sub.add_parser("data", help="write and check WebDataset shards")
     dsub = d.add_subparsers(dest="data_command", required=True)

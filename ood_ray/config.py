@@ -40,6 +40,7 @@ class TrainConfig:
     data: str | None = None  # benchmark.json (or its folder); None = the embedded digits-ood
     data_seed: int = 0  # seed of the embedded benchmark (only when data is None)
     method_params: dict = field(default_factory=dict)  # method hyperparameters (see the method registry)
+    init_checkpoint: str | None = None  # fine-tune: start from this checkpoint's weights (e.g. OE from a baseline)
     # optimisation
     epochs: int = 15
     batch_size: int = 32  # global batch: split evenly over the workers
@@ -105,6 +106,10 @@ class TrainConfig:
             raise ConfigError(f"method_params={self.method_params!r}: {e}") from None
         if self.data is not None:
             self.data = str(Path(self.data).expanduser().resolve())
+        if self.init_checkpoint is not None:
+            self.init_checkpoint = str(Path(self.init_checkpoint).expanduser().resolve())
+            if not (Path(self.init_checkpoint) / "state.pt").exists():
+                bad("init_checkpoint", "not a checkpoint folder (no state.pt in it)")
         if not self.storage_path:
             self.storage_path = str(results_dir() / "ray")
         elif "://" not in self.storage_path:  # s3://, gs://... pass through untouched

@@ -133,6 +133,16 @@ def save_checkpoint(directory: str, model, opt, sched, epoch: int, method_state:
     Path(directory, META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def init_weights(model: Classifier, directory: str) -> None:
+    """Fine-tuning: the backbone's weights from a checkpoint, and the head's when it has the same shape."""
+    saved = load_state(directory)["model"]
+    model.backbone.load_state_dict({k[len("backbone.") :]: v for k, v in saved.items() if k.startswith("backbone.")})
+    head = {k[len("head.") :]: v for k, v in saved.items() if k.startswith("head.")}
+    own = model.head.state_dict()
+    if head.keys() == own.keys() and all(v.shape == own[k].shape for k, v in head.items()):
+        model.head.load_state_dict(head)
+
+
 def load_state(directory: str) -> dict:
     """A checkpoint's tensors; ``weights_only`` so nothing is unpickled."""
     return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
@@ -162,7 +172,10 @@ def train_loop_per_worker(config: dict) -> None:
     bench = load_benchmark(cfg)
     method = get_method(cfg.method, cfg.method_params)
     torch.manual_seed(cfg.seed)
-    model = ray.train.torch.prepare_model(build_model(cfg, method, bench))
+    model = build_model(cfg, method, bench)
+    if cfg.init_checkpoint:
+        init_weights(model, cfg.init_checkpoint)
+    model = ray.train.torch.prepare_model(model)
     opt = make_optimizer(cfg, model)
     bs = cfg.per_worker_batch
     steps = [batches_per_epoch(bench.train, world, bs, e, cfg.seed) for e in range(cfg.epochs)]

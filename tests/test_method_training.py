@@ -77,3 +77,41 @@ def test_method_trains_on_ray(ray_session, digits_ood, tmp_path, method):
         lam = MlflowClient(out.tracking_uri).get_metric_history(out.run_id, "state_lam")
         assert len(lam) == 2 and lam[-1].value != 0.1, "λ must adapt and be logged"
         assert "test_ood_letters_confidence_pre_auroc" in m
+
+
+def test_init_checkpoint_loads_backbone_and_matching_head(tmp_path):
+    from ood_ray.models import Classifier, build_backbone
+
+    torch.manual_seed(0)
+    base = Classifier(build_backbone("small_cnn", 1, 8), get_method("softmax").make_head(128, 10))
+    torch.save({"model": base.state_dict()}, tmp_path / "state.pt")
+    from ood_ray.train import init_weights
+
+    oe = Classifier(build_backbone("small_cnn", 1, 8), get_method("outlier_exposure").make_head(128, 10))
+    init_weights(oe, str(tmp_path))
+    for k, v in base.state_dict().items():
+        assert torch.equal(oe.state_dict()[k], v), k
+    dm = Classifier(build_backbone("small_cnn", 1, 8), get_method("dismax").make_head(128, 10))
+    head_before = {k: v.clone() for k, v in dm.head.state_dict().items()}
+    init_weights(dm, str(tmp_path))  # different head: only the backbone is taken
+    assert all(torch.equal(dm.head.state_dict()[k], v) for k, v in head_before.items())
+    for k, v in base.backbone.state_dict().items():
+        assert torch.equal(dm.backbone.state_dict()[k], v), k
+    with pytest.raises(ConfigError, match="init_checkpoint=.*no state.pt"):
+        TrainConfig.from_dict({"init_checkpoint": str(tmp_path / "nope")})
+
+
+def test_compare_job_writes_table_and_mlflow(ray_session, digits_ood, tmp_path):
+    from ood_ray.compare import compare_methods
+
+    base = TrainConfig.from_dict(dict(data=str(digits_ood), epochs=1, num_workers=2, cpus_per_worker=0.5, storage_path=str(tmp_path / "ray"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="cmp"))
+    table, path, outcomes = compare_methods(base, ["softmax", "dismax"], out=str(tmp_path / "t.md"))
+    rows = [line for line in table.splitlines() if line.startswith("| softmax") or line.startswith("| dismax")]
+    assert len(rows) == 2 and "letters AUROC / FPR95 / AUPR-In" in table
+    assert f"{outcomes['dismax'].metrics['test_acc']:.4f}" in rows[1]
+    assert path.read_text().endswith(table)
+    client = MlflowClient(base.mlflow_uri)
+    exp = client.get_experiment_by_name("cmp")
+    cmp_run = client.search_runs([exp.experiment_id], "tags.`ood_ray.kind` = 'comparison'")[0]
+    assert cmp_run.data.metrics["dismax.test_auroc"] == pytest.approx(outcomes["dismax"].metrics["test_auroc"])
+    assert [a.path for a in client.list_artifacts(cmp_run.info.run_id)] == ["comparison.md"]
