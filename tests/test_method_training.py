@@ -115,3 +115,18 @@ def test_compare_job_writes_table_and_mlflow(ray_session, digits_ood, tmp_path):
     cmp_run = client.search_runs([exp.experiment_id], "tags.`ood_ray.kind` = 'comparison'")[0]
     assert cmp_run.data.metrics["dismax.test_auroc"] == pytest.approx(outcomes["dismax"].metrics["test_auroc"])
     assert [a.path for a in client.list_artifacts(cmp_run.info.run_id)] == ["comparison.md"]
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_search_space_gives_valid_params(name):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    for _ in range(5):
+        trial = study.ask()
+        params = METHODS[name].search_space(trial)
+        METHODS[name].check_params(params)  # every suggestion passes the method's own validation
+        TrainConfig.from_dict({"method": name, "method_params": params})
+        study.tell(trial, 0.5)
+    assert set(params) <= set(METHODS[name].defaults)

@@ -59,6 +59,14 @@ class Method:
         """Post-hoc step after training on the validation split; returns values to log."""
         return {}
 
+    @classmethod
+    def search_space(cls, trial) -> dict:
+        """Method hyperparameters suggested on an Optuna trial (define-by-run), for tuning.
+
+        Returns the ``method_params`` of one trial; the base method has none to tune.
+        """
+        return {}
+
     def make_head(self, num_features: int, num_classes: int) -> nn.Module:
         raise NotImplementedError
 

@@ -209,6 +209,16 @@ class Confidence(Method):
         if int(params["cutout"]) < 0:
             raise ValueError(f"confidence: cutout={params['cutout']} must be >= 0 (patch size, 0 = off)")
 
+    @classmethod
+    def search_space(cls, trial) -> dict:
+        """β and the initial λ (training), ε and δ (post-hoc: cheap to vary on one checkpoint)."""
+        return {
+            "budget": trial.suggest_float("budget", 0.05, 1.0, log=True),
+            "lam": trial.suggest_float("lam", 0.01, 1.0, log=True),
+            "epsilon": trial.suggest_categorical("epsilon", [0.0, 0.0005, 0.001, 0.002, 0.005, 0.01]),
+            "delta": trial.suggest_float("delta", 0.05, 0.95),
+        }
+
     def make_head(self, num_features: int, num_classes: int) -> nn.Module:
         return ConfidenceHead(num_features, num_classes)
 

@@ -434,6 +434,18 @@ class DisMax(Method):
         except ValueError as e:
             raise ValueError(f"dismax: {e}") from None
 
+    @classmethod
+    def search_space(cls, trial) -> dict:
+        """α (0 = FPR off), the entropic scale, and the post-hoc calibration settings."""
+        low = trial.suggest_categorical("calibration_low", [0.001, 0.01, 0.1])
+        return {
+            "alpha": trial.suggest_categorical("alpha", [0.0, 0.25, 0.5, 1.0]),
+            "entropic_scale": trial.suggest_float("entropic_scale", 1.0, 30.0, log=True),
+            "calibration_objective": trial.suggest_categorical("calibration_objective", ["ece", "nll"]),
+            "calibration_bins": trial.suggest_categorical("calibration_bins", [10, 15, 20]),
+            "calibration_bounds": [low, trial.suggest_categorical("calibration_high", [10.0, 100.0])],
+        }
+
     def make_head(self, num_features: int, num_classes: int) -> nn.Module:
         self.num_classes = num_classes
         return DisMaxHead(num_features, num_classes)

@@ -87,6 +87,13 @@ class OutlierExposure(Method):
         if not float(params["outlier_ratio"]) > 0:
             raise ValueError(f"outlier_exposure: outlier_ratio={params['outlier_ratio']} must be > 0")
 
+    @classmethod
+    def search_space(cls, trial) -> dict:
+        return {
+            "lam": trial.suggest_float("lam", 0.05, 2.0, log=True),
+            "outlier_ratio": trial.suggest_categorical("outlier_ratio", [1, 2, 4]),
+        }
+
     def make_head(self, num_features: int, num_classes: int) -> nn.Module:
         return nn.Linear(num_features, num_classes)
 
