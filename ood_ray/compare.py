@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from . import tracking
 from .config import TrainConfig
+from .methods import get_method
 from .train import TrainOutcome, run_training
 
 OOD_COLUMNS = ("auroc", "fpr95", "aupr_in")
@@ -32,7 +33,7 @@ def markdown_table(outcomes: dict[str, TrainOutcome]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, out in outcomes.items():
         m = out.metrics
-        cells = [method, m.get("score", ""), f"{m['test_acc']:.4f}", f"{m['test_ece']:.4f}", f"{m['test_nll']:.4f}"]
+        cells = [method, get_method(method).default_score, f"{m['test_acc']:.4f}", f"{m['test_ece']:.4f}", f"{m['test_nll']:.4f}"]
         for _, pre in cols:
             cells.append(" / ".join(f"{m[pre + c]:.3f}" for c in OOD_COLUMNS))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -41,15 +42,11 @@ def markdown_table(outcomes: dict[str, TrainOutcome]) -> str:
 
 def compare_methods(base: TrainConfig, methods: list[str], out: str | None = None) -> tuple[str, Path, dict[str, TrainOutcome]]:
     """Train ``methods`` one after the other from ``base``; returns (table, markdown path, runs)."""
-    from .methods import get_method
-
     outcomes: dict[str, TrainOutcome] = {}
     for name in methods:
         cfg = dataclasses.replace(base, method=name, method_params={}, run_name=f"compare-{name}").validate()
         print(f"[ood-ray] compare: training {name}", flush=True)
-        outcome = run_training(cfg)
-        outcome.metrics["score"] = get_method(name).default_score
-        outcomes[name] = outcome
+        outcomes[name] = run_training(cfg)
     table = markdown_table(outcomes)
     header = (
         f"# Method comparison on {Path(base.data).parent.name if base.data else 'digits-ood'}\n\n"

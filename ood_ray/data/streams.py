@@ -209,8 +209,11 @@ class RankShards(IterableDataset):
         self.augment_pad, self.hflip = augment_pad, hflip
         self.repeat, self.chunk = repeat, chunk
 
+    def plan(self) -> list[ShardTask]:
+        return plan_epoch(self.manifest, self.rank, self.world, self.epoch, self.seed, self.shuffle)
+
     def _samples(self, pass_: int, wid: int, nworkers: int) -> Iterator[tuple[np.ndarray, int, str]]:
-        tasks = plan_epoch(self.manifest, self.rank, self.world, self.epoch, self.seed, self.shuffle)[wid::nworkers]
+        tasks = self.plan()[wid::nworkers]
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, wid, pass_, 11])
         if pass_ > 0:  # an endless stream keeps its shards and reorders them on every pass
             tasks = [tasks[i] for i in rng.permutation(len(tasks))]
@@ -273,8 +276,8 @@ def rebatch(chunks, batch_size: int, n_batches: int | None, drop_last: bool) -> 
         raise DataError(f"stream ended after {done} of {n_batches} batches (a shard is shorter than its manifest says)")
 
 
-def _loader(ds: RankShards, loader_workers: int, n_tasks: int):
-    workers = min(loader_workers, n_tasks)
+def _loader(ds: RankShards, loader_workers: int):
+    workers = min(loader_workers, len(ds.plan()))  # no reader without a shard
     if workers <= 0:
         return iter(ds)
     return iter(DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False, prefetch_factor=4))
@@ -296,8 +299,7 @@ def train_batches(
     """Exactly ``batches_per_epoch(...)`` batches of this rank's share of ``epoch``."""
     n = batches_per_epoch(manifest, world, batch_size, epoch, seed)
     ds = RankShards(manifest, rank, world, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, augment_pad=augment_pad, hflip=hflip)
-    tasks = len(plan_epoch(manifest, rank, world, epoch, seed))
-    return rebatch(_loader(ds, loader_workers, tasks), batch_size, n, drop_last=True)
+    return rebatch(_loader(ds, loader_workers), batch_size, n, drop_last=True)
 
 
 def outlier_batches(
@@ -314,16 +316,15 @@ def outlier_batches(
     loader_workers: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """An endless stream of outlier batches; each rank reads a different part of the set."""
+    seed += 1  # outliers are ordered independently of the ID stream
     if min(samples_per_rank(manifest, world, epoch, seed)) == 0:
         raise DataError(f"{manifest.path or manifest.name}: too few outlier samples for {world} workers")
-    ds = RankShards(manifest, rank, world, seed=seed + 1, epoch=epoch, shuffle_buffer=shuffle_buffer, augment_pad=augment_pad, hflip=hflip, repeat=True)
-    tasks = len(plan_epoch(manifest, rank, world, epoch, seed + 1))
-    return rebatch(_loader(ds, loader_workers, tasks), batch_size, None, drop_last=True)
+    ds = RankShards(manifest, rank, world, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, augment_pad=augment_pad, hflip=hflip, repeat=True)
+    return rebatch(_loader(ds, loader_workers), batch_size, None, drop_last=True)
 
 
 def eval_batches(manifest: Manifest, rank: int, world: int, batch_size: int, loader_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """This rank's share of a whole split, every sample exactly once over all ranks, in order."""
     ds = RankShards(manifest, rank, world, shuffle=False)
-    tasks = len(plan_epoch(manifest, rank, world, shuffle=False))
-    return rebatch(_loader(ds, loader_workers, tasks), batch_size, None, drop_last=False)
+    return rebatch(_loader(ds, loader_workers), batch_size, None, drop_last=False)
 

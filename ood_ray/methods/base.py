@@ -31,6 +31,9 @@ class Method:
     eval_needs_grad: bool = False  # True when scoring needs input gradients (input preprocessing)
     threshold_score: str = "msp"  # the probability-like score the "don't know" threshold δ applies to
     state_sync_keys: tuple[str, ...] = ()  # step logs averaged over ranks and passed to update_state
+    nonnegative: tuple[str, ...] = ()  # parameters that must be >= 0
+    positive: tuple[str, ...] = ()  # parameters that must be > 0
+    labels: dict[str, str] = {}  # names used in error messages, e.g. "budget (β)"
 
     def __init__(self, params: dict | None = None):
         self.params = {**self.defaults, **(params or {})}
@@ -43,9 +46,14 @@ class Method:
             known = ", ".join(sorted(cls.defaults)) or "none"
             raise ValueError(f"method {cls.name!r}: unknown parameter(s) {', '.join(unknown)}; known: {known}")
         full = {**cls.defaults, **params}
+        for key in cls.nonnegative + cls.positive:
+            ok = float(full[key]) > 0 if key in cls.positive else float(full[key]) >= 0  # NaN fails both
+            if not ok:
+                bound = "> 0" if key in cls.positive else ">= 0"
+                raise ValueError(f"{cls.name}: {cls.labels.get(key, key)}={full[key]} must be {bound}")
         delta = full.get("delta")
         if delta is not None and not 0.0 <= float(delta) <= 1.0:
-            raise ValueError(f"method {cls.name!r}: delta={delta} must lie in [0, 1] (a threshold on a probability)")
+            raise ValueError(f"{cls.name}: delta={delta} must lie in [0, 1] (a threshold on a probability)")
         cls.validate(full)
 
     @classmethod

@@ -198,16 +198,9 @@ class Confidence(Method):
         super().__init__(params)
         self.eval_needs_grad = float(self.params["epsilon"]) > 0
 
-    @classmethod
-    def validate(cls, params: dict) -> None:
-        if float(params["lam"]) < 0:
-            raise ValueError(f"confidence: lam={params['lam']} must be >= 0")
-        if not float(params["budget"]) > 0:
-            raise ValueError(f"confidence: budget (β)={params['budget']} must be > 0")
-        if float(params["epsilon"]) < 0:
-            raise ValueError(f"confidence: epsilon (ε)={params['epsilon']} must be >= 0")
-        if int(params["cutout"]) < 0:
-            raise ValueError(f"confidence: cutout={params['cutout']} must be >= 0 (patch size, 0 = off)")
+    nonnegative = ("lam", "epsilon", "cutout")
+    positive = ("budget",)
+    labels = {"budget": "budget (β)", "epsilon": "epsilon (ε)"}
 
     @classmethod
     def search_space(cls, trial) -> dict:

@@ -418,13 +418,11 @@ class DisMax(Method):
     }
     default_score = "mmles"
     threshold_score = "mps"
+    nonnegative = ("alpha",)
+    positive = ("entropic_scale",)
 
     @classmethod
     def validate(cls, params: dict) -> None:
-        if float(params["alpha"]) < 0:
-            raise ValueError(f"dismax: alpha={params['alpha']} must be >= 0 (0 turns FPR off)")
-        if not float(params["entropic_scale"]) > 0:
-            raise ValueError(f"dismax: entropic_scale={params['entropic_scale']} must be > 0")
         if params["calibration_objective"] not in ("ece", "nll"):
             raise ValueError(f"dismax: calibration_objective={params['calibration_objective']!r}; choose ece or nll")
         if int(params["calibration_bins"]) < 1:

@@ -79,13 +79,8 @@ class OutlierExposure(Method):
     needs_outliers = True
     defaults: dict = {"lam": 0.5, "outlier_ratio": 2, "delta": 0.15}
     default_score = "msp"
-
-    @classmethod
-    def validate(cls, params: dict) -> None:
-        if float(params["lam"]) < 0:
-            raise ValueError(f"outlier_exposure: lam={params['lam']} must be >= 0")
-        if not float(params["outlier_ratio"]) > 0:
-            raise ValueError(f"outlier_exposure: outlier_ratio={params['outlier_ratio']} must be > 0")
+    nonnegative = ("lam",)
+    positive = ("outlier_ratio",)
 
     @classmethod
     def search_space(cls, trial) -> dict:
