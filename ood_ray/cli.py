@@ -1,4 +1,4 @@
-"""The ``ood-ray`` command line: data shards, the embedded benchmark, training."""
+"""The ``ood-ray`` command line: data shards, the embedded benchmark, training, comparing, tuning."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f.name, type=base if base in (int, float) else str, default=None)
 
 
-def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+def config_from_args(ns: argparse.Namespace, defaults: dict | None = None) -> TrainConfig:
+    """The TrainConfig of the command line: ``defaults`` < the ``--config`` file < flags."""
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     overrides = {k: getattr(ns, k) for k in names if getattr(ns, k, None) is not None}
     if "method_params" in overrides:
@@ -49,8 +50,43 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
             params[k] = _parse_value(v)
         overrides["method_params"] = params
     if ns.config:
-        return TrainConfig.from_file(ns.config, **overrides)
-    return TrainConfig.from_dict(overrides, where="command line")
+        return TrainConfig.from_file(ns.config, defaults=defaults, **overrides)
+    return TrainConfig.from_dict({**(defaults or {}), **overrides}, where="command line")
+
+
+#: Defaults of ``ood-ray tune`` where they differ from ``ood-ray train``: shorter trials, half-CPU
+#: workers (a trial fits on a 2-core laptop), δ set on val ID at 95% acceptance, an accuracy guard.
+TUNE_DEFAULTS = {"epochs": 8, "cpus_per_worker": 0.5, "delta_tpr": 0.95, "min_val_acc": 0.9}
+
+
+def cmd_tune(ns: argparse.Namespace) -> int:
+    from .tune import SweepConfig, format_outcome, run_sweep
+
+    if ns.method is None:
+        raise ConfigError("--method is required for tune; choose one of: softmax, outlier_exposure, confidence, dismax")
+    base = config_from_args(ns, defaults=TUNE_DEFAULTS)
+    sweep = SweepConfig(
+        method=ns.method,
+        base=base,
+        num_trials=ns.num_trials,
+        gpus_per_worker=ns.gpus_per_worker,
+        trial_cpus=ns.trial_cpus,
+        concurrency=ns.concurrency,
+        name=ns.name,
+        seed=ns.sweep_seed,
+        asha=ns.asha,
+        grace_period=ns.grace_period,
+        reduction_factor=ns.reduction_factor,
+        include_default=ns.default_trial,
+        register_name=ns.register_name,
+        resume=ns.resume,
+        optuna_storage=ns.optuna_storage,
+    )
+    outcome = run_sweep(sweep)
+    print()
+    print(format_outcome(outcome))
+    print(f"browse: mlflow ui --backend-store-uri {base.mlflow_uri}")
+    return 0
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
@@ -161,6 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", nargs="+", help="methods to compare (default: all registered)")
     c.add_argument("--out", help="Markdown file for the table (default: <results>/compare-<time>.md)")
     c.set_defaults(fn=cmd_compare)
+
+    tu = sub.add_parser("tune", help="search a method's hyperparameters with Ray Tune + Optuna, tracked in MLflow")
+    add_train_args(tu)
+    tu.add_argument("--num-trials", type=int, default=8, help="Optuna trials (the first is the untuned default configuration)")
+    tu.add_argument("--gpus-per-worker", type=float, help="GPUs per Train worker (default: 1 if the cluster has GPUs, else 0)")
+    tu.add_argument("--trial-cpus", type=float, default=0.5, help="CPUs of each trial's driver process")
+    tu.add_argument("--concurrency", type=int, help="trials at once (default: as many as the cluster's resources allow)")
+    tu.add_argument("--name", help="sweep name (default: <method>-sweep-<time>); names the Tune folder and the MLflow parent run")
+    tu.add_argument("--resume", action="store_true", help="continue an interrupted sweep (--name, or the latest sweep of the method)")
+    tu.add_argument("--sweep-seed", type=int, default=0, help="seed of Optuna's TPE sampler")
+    tu.add_argument("--asha", action=argparse.BooleanOptionalAction, default=True, help="ASHA early stopping on the per-epoch objective")
+    tu.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
+    tu.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA keeps the top 1/factor at each rung")
+    tu.add_argument("--default-trial", action=argparse.BooleanOptionalAction, default=True, help="run the untuned default configuration as the first trial")
+    tu.add_argument("--register-name", help="MLflow registered model name (default: ood-ray-<method>; '' = don't register)")
+    tu.add_argument("--optuna-storage", help="Optuna RDB URL (default: sqlite under the storage path)")
+    tu.set_defaults(fn=cmd_tune)
 
     d = sub.add_parser("data", help="write and check WebDataset shards")
     dsub = d.add_subparsers(dest="data_command", required=True)

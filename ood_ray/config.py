@@ -58,6 +58,12 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     loader_workers: int = 0  # DataLoader processes per worker
     eval_batch_size: int = 256
+    # evaluation and post-hoc choices (the tuner turns these on)
+    evaluate_test: bool = True  # evaluate the test split after the last epoch (tuning trials: off)
+    posthoc_search: bool = False  # try the method's post-hoc grid (ε, calibration) on val after training
+    delta_tpr: float | None = None  # set δ on val so that this fraction of val ID is accepted (e.g. 0.95)
+    objective: str = "auroc"  # the validation objective reported as `objective` (see ood_ray.objective)
+    min_val_acc: float = 0.0  # accuracy guard of the objective (0 = no guard)
     # Ray Train
     num_workers: int = 2
     use_gpu: bool | None = None  # None = use GPUs when the cluster has them
@@ -98,6 +104,14 @@ class TrainConfig:
             bad("step_milestones", "fractions of training strictly between 0 and 1")
         if self.augment_pad < 0 or self.loader_workers < 0 or self.max_failures < 0:
             bad("augment_pad" if self.augment_pad < 0 else "loader_workers" if self.loader_workers < 0 else "max_failures", "must be >= 0")
+        from .objective import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            bad("objective", f"unknown objective; choose one of: {', '.join(OBJECTIVES)}")
+        if not 0.0 <= self.min_val_acc <= 1.0:
+            bad("min_val_acc", "must lie in [0, 1]")
+        if self.delta_tpr is not None and not 0.0 < self.delta_tpr < 1.0:
+            bad("delta_tpr", "a fraction of val ID to accept, strictly between 0 and 1 (e.g. 0.95)")
         if not self.cpus_per_worker > 0:
             bad("cpus_per_worker", "must be > 0 (fractions such as 0.5 are fine)")
         try:
@@ -133,7 +147,7 @@ class TrainConfig:
         return cls(**d).validate()
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> TrainConfig:
+    def from_file(cls, path: str | Path, defaults: dict | None = None, **overrides) -> TrainConfig:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
@@ -143,7 +157,7 @@ class TrainConfig:
             raise ConfigError(f"{path}: not valid YAML/JSON ({e})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
-        d.update({k: v for k, v in overrides.items() if v is not None})
+        d = {**(defaults or {}), **d, **{k: v for k, v in overrides.items() if v is not None}}
         return cls.from_dict(d, where=str(path))
 
     def save(self, path: str | Path) -> Path:

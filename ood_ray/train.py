@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -34,9 +35,11 @@ from .data.streams import batches_per_epoch, outlier_batches, train_batches
 from .evaluate import collect, evaluate_split, gather, normalize, unwrap
 from .methods import Method, get_method
 from .models import Classifier, build_backbone
+from .objective import objective_value
 
 STATE_FILE = "state.pt"
 META_FILE = "model.json"
+METRICS_FILE = "metrics.json"
 
 
 def benchmark_path(cfg: TrainConfig) -> str:
@@ -105,6 +108,43 @@ def post_train(model, method: Method, bench: Benchmark, rank: int, world: int, d
     with torch.no_grad():
         val = gather(collect(model, method, bench.val, rank, world, device, batch_size), world)
     return method.calibrate(unwrap(model), torch.from_numpy(val["logits"]), torch.from_numpy(val["labels"]))
+
+
+def choose_delta(model, method: Method, bench: Benchmark, tpr: float, rank: int, world: int, device, batch_size: int) -> float:
+    """δ that accepts the fraction ``tpr`` of val ID (a quantile of the threshold score), in [0, 1]."""
+    with torch.no_grad() if not method.eval_needs_grad else torch.enable_grad():
+        val = gather(collect(model, method, bench.val, rank, world, device, batch_size), world)
+    return float(np.clip(np.quantile(val[method.threshold_score].astype(np.float64), 1.0 - tpr), 0.0, 1.0))
+
+
+def finish_method(model, method: Method, cfg: TrainConfig, bench: Benchmark, rank: int, world: int, device) -> tuple[Method, dict]:
+    """After the last epoch: calibrate, and with ``posthoc_search`` choose the post-hoc values.
+
+    Every candidate of the method's ``posthoc_grid`` (ε, calibration settings) is applied to this
+    checkpoint and scored by val AUROC of the method's score; the first best wins. Post-hoc values
+    do not change the class prediction, so the accuracy guard plays no part here. Then δ is set
+    from val ID when ``delta_tpr`` is given. Only the validation split is read.
+    """
+    bs = cfg.eval_batch_size
+    candidates = type(method).posthoc_grid() if cfg.posthoc_search else [{}]
+    logs: dict = {}
+    chosen = {}
+    if len(candidates) > 1:
+        best = -math.inf
+        for cand in candidates:
+            m = get_method(cfg.method, {**method.params, **cand})
+            post_train(model, m, bench, rank, world, device, bs)
+            auroc = evaluate_split(model, m, bench, "val", rank, world, device, bs).get("val_auroc", math.nan)
+            if auroc > best:
+                best, chosen = auroc, cand
+        logs["posthoc_candidates"] = len(candidates)
+    method = get_method(cfg.method, {**method.params, **chosen})
+    logs.update(post_train(model, method, bench, rank, world, device, bs))
+    if cfg.delta_tpr is not None:
+        delta = choose_delta(model, method, bench, cfg.delta_tpr, rank, world, device, bs)
+        method = get_method(cfg.method, {**method.params, "delta": delta})
+    logs.update({f"chosen_{k}": float(v) for k, v in method.params.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+    return method, logs
 
 
 def sync_buffers(model: torch.nn.Module, world: int) -> None:
@@ -189,6 +229,12 @@ def train_loop_per_worker(config: dict) -> None:
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         state, start = saved["method_state"], saved["epoch"] + 1
+        if start >= cfg.epochs:  # finished before an interruption: report the final result again
+            with ckpt.as_directory() as d:
+                final = json.loads(Path(d, METRICS_FILE).read_text())
+            # no new checkpoint: the path is passed as Tune's TuneReportCallback would pass it
+            ray.train.report({**final, "checkpoint_path": ckpt.path})
+            return
         if rank == 0:
             say(f"resuming after the checkpoint of epoch {start}")
     meta = model_meta(cfg, bench)
@@ -232,10 +278,15 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.update({f"state_{k}": float(v) for k, v in state.items() if isinstance(v, int | float)})
         t1 = time.perf_counter()
         sync_buffers(model, world)
-        if epoch + 1 == cfg.epochs:  # post-hoc step (e.g. DisMax temperature) on the val split
-            metrics.update(post_train(model, method, bench, rank, world, device, cfg.eval_batch_size))
+        last = epoch + 1 == cfg.epochs
+        if last:  # post-hoc step (DisMax temperature, chosen ε / δ) on the val split only
+            method, posthoc = finish_method(model, method, cfg, bench, rank, world, device)
+            metrics.update(posthoc)
+            cfg.method_params = dict(method.params)  # the checkpoint records the values chosen
+            meta = model_meta(cfg, bench)
         metrics.update(evaluate_split(model, method, bench, "val", rank, world, device, cfg.eval_batch_size))
-        if epoch + 1 == cfg.epochs:
+        metrics["objective"] = objective_value(metrics, cfg.objective, cfg.min_val_acc)
+        if last and cfg.evaluate_test:
             metrics.update(evaluate_split(model, method, bench, "test", rank, world, device, cfg.eval_batch_size))
         metrics["eval_time_s"] = time.perf_counter() - t1
         if rank == 0:
@@ -249,6 +300,7 @@ def train_loop_per_worker(config: dict) -> None:
             checkpoint = None
             if rank == 0:
                 save_checkpoint(tmp, model, opt, sched, epoch, state, cfg, meta)
+                Path(tmp, METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=float) + "\n")
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -285,6 +337,27 @@ def model_from_checkpoint(directory: str) -> tuple[Classifier, dict, TrainConfig
     return model.eval(), meta, cfg
 
 
+def make_trainer(cfg: TrainConfig, name: str, callbacks: list, gpus_per_worker: float | None = None) -> TorchTrainer:
+    """The Ray Train run of ``cfg``; the same ``name`` and storage path resume its checkpoints."""
+    if gpus_per_worker is None:
+        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        gpus_per_worker = 1.0 if use_gpu else 0.0
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker > 0 else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=cfg.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
 def ensure_ray() -> None:
     if not ray.is_initialized():
         # Joins the cluster under `ray job submit` (RAY_ADDRESS is set), else starts a local Ray.
@@ -307,22 +380,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
         client.log_artifact(run_id, cfg.save(Path(tmp) / "config.json"))
     try:
         ensure_ray()
-        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-        resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=cfg.to_dict(),
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-            run_config=ray.train.RunConfig(
-                name=f"train-{run_id}",
-                storage_path=cfg.storage_path,
-                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                callbacks=[tracking.EpochLogger(cfg.mlflow_uri, run_id)],
-                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            ),
-        )
-        result = trainer.fit()
+        result = make_trainer(cfg, f"train-{run_id}", [tracking.EpochLogger(cfg.mlflow_uri, run_id)]).fit()
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
         client.set_tag(run_id, "ood_ray.checkpoint", result.checkpoint.path)

@@ -76,7 +76,7 @@ def test_method_trains_on_ray(ray_session, digits_ood, tmp_path, method):
     if method == "confidence":
         lam = MlflowClient(out.tracking_uri).get_metric_history(out.run_id, "state_lam")
         assert len(lam) == 2 and lam[-1].value != 0.1, "λ must adapt and be logged"
-        assert "test_ood_letters_confidence_pre_auroc" in m
+        assert "test_ood_letters_confidence_auroc" in m and spec.default_score == "confidence_pre"
 
 
 def test_init_checkpoint_loads_backbone_and_matching_head(tmp_path):

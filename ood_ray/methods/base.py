@@ -71,9 +71,19 @@ class Method:
     def search_space(cls, trial) -> dict:
         """Method hyperparameters suggested on an Optuna trial (define-by-run), for tuning.
 
-        Returns the ``method_params`` of one trial; the base method has none to tune.
+        Returns the ``method_params`` of one trial; the base method has none to tune. Only
+        parameters that change training belong here: post-hoc ones are in ``posthoc_grid``.
         """
         return {}
+
+    @classmethod
+    def posthoc_grid(cls) -> list[dict]:
+        """Candidate values of the post-hoc parameters (applied to a trained checkpoint).
+
+        A tuning trial tries each candidate on its own checkpoint with the validation split and
+        keeps the best, so these never cost a retraining. ``[{}]``: nothing to choose.
+        """
+        return [{}]
 
     def make_head(self, num_features: int, num_classes: int) -> nn.Module:
         raise NotImplementedError

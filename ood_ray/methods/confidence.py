@@ -197,6 +197,8 @@ class Confidence(Method):
     def __init__(self, params: dict | None = None):
         super().__init__(params)
         self.eval_needs_grad = float(self.params["epsilon"]) > 0
+        if self.eval_needs_grad:  # with input preprocessing, c of the preprocessed input decides
+            self.default_score = self.threshold_score = "confidence_pre"
 
     nonnegative = ("lam", "epsilon", "cutout")
     positive = ("budget",)
@@ -204,13 +206,17 @@ class Confidence(Method):
 
     @classmethod
     def search_space(cls, trial) -> dict:
-        """β and the initial λ (training), ε and δ (post-hoc: cheap to vary on one checkpoint)."""
+        """β (budget), the initial λ and cutout: what changes training."""
         return {
             "budget": trial.suggest_float("budget", 0.05, 1.0, log=True),
             "lam": trial.suggest_float("lam", 0.01, 1.0, log=True),
-            "epsilon": trial.suggest_categorical("epsilon", [0.0, 0.0005, 0.001, 0.002, 0.005, 0.01]),
-            "delta": trial.suggest_float("delta", 0.05, 0.95),
+            "cutout": trial.suggest_categorical("cutout", [0, 2, 4]),
         }
+
+    @classmethod
+    def posthoc_grid(cls) -> list[dict]:
+        """ε of the input preprocessing, tried on the trained checkpoint (δ is set from val ID)."""
+        return [{"epsilon": e} for e in (0.0, 0.0005, 0.001, 0.002, 0.005, 0.01)]
 
     def make_head(self, num_features: int, num_classes: int) -> nn.Module:
         return ConfidenceHead(num_features, num_classes)

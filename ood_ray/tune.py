@@ -1,0 +1,656 @@
+"""Hyperparameter sweeps: Ray Tune + Optuna over Ray Train trials, recorded in MLflow.
+
+Three layers (Ray's Tune-over-Train shape):
+
+1. ``train.train_loop_per_worker`` runs on every Ray Train worker of a trial and reports each
+   epoch's validation metrics (and ``objective``) with a checkpoint.
+2. ``run_trial`` is the Tune trainable: it turns the suggested hyperparameters into a
+   ``TrainConfig`` and runs a ``TorchTrainer`` whose reports reach Tune via ``TuneReportCallback``.
+3. ``run_sweep`` builds the ``Tuner`` (``OptunaSearch`` with a seeded TPE sampler and a study
+   persisted in sqlite, ``ASHAScheduler`` on the per-epoch objective), or restores it with
+   ``resume=True``, then evaluates the best trial on the test split, writes the plots and tables,
+   and registers the best model.
+
+Trials see validation data only: they never evaluate the test split (``evaluate_test=False``),
+and post-hoc values (ε, calibration settings, δ) are chosen inside each trial on its own
+checkpoint. The test split is read once, for the best trial(s), after the choice is made.
+
+MLflow: one parent run per sweep (arguments, search space, best trial, artifacts) and one child run
+per trial (its config, per-epoch metrics, final metrics, checkpoint); all MLflow writes happen in
+this driver process (``SweepRecorder``), so a sqlite store is safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from . import tracking
+from .config import ConfigError, TrainConfig, results_dir
+from .methods import METHODS, get_method
+from .objective import objective_metrics
+
+TRIAL_TAG = "ood_ray.trial_id"
+SWEEP_TAG = "ood_ray.sweep"
+PARENT_TAG = "mlflow.parentRunId"
+LR_RANGE = (0.005, 0.2)
+WD_RANGE = (1e-5, 1e-3)
+
+
+@dataclass
+class SweepConfig:
+    """Everything a sweep needs; ``base`` holds the training settings every trial starts from."""
+
+    method: str = "dismax"
+    base: TrainConfig = field(default_factory=TrainConfig)  # backbone, data, epochs, batch size...
+    num_trials: int = 8
+    gpus_per_worker: float | None = None  # None = 1 when the cluster has GPUs, else 0
+    trial_cpus: float = 0.5  # the Tune trial driver (the Train controller itself takes none)
+    concurrency: int | None = None  # None = as many trials as the cluster's resources allow
+    name: str | None = None  # sweep name: Tune experiment folder and MLflow parent run
+    seed: int = 0
+    asha: bool = True
+    grace_period: int = 1  # epochs before ASHA may stop a trial
+    reduction_factor: float = 2.0
+    include_default: bool = True  # the first trial is the untuned default configuration
+    points_to_evaluate: list[dict] = field(default_factory=list)  # further fixed trials (flat Optuna names)
+    register_name: str | None = None  # MLflow registered model; None = "ood-ray-<method>", "" = don't register
+    resume: bool = False
+    max_trial_failures: int = 1  # Tune retries of a trial driver (Train retries workers itself)
+    optuna_storage: str | None = None  # None = sqlite under the storage path (or the results folder)
+
+    def validate(self) -> SweepConfig:
+        def bad(name, why):
+            raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        if self.method not in METHODS:
+            bad("method", f"unknown method; choose one of: {', '.join(sorted(METHODS))}")
+        self.base.method = self.method
+        self.base.posthoc_search = True
+        self.base.evaluate_test = False
+        self.base.validate()
+        if not isinstance(self.num_trials, int) or self.num_trials < 1:
+            bad("num_trials", "must be an integer >= 1")
+        if self.concurrency is not None and self.concurrency < 1:
+            bad("concurrency", "must be >= 1 (or unset: derived from the cluster)")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            bad("gpus_per_worker", "must be >= 0")
+        if not self.trial_cpus > 0:
+            bad("trial_cpus", "must be > 0 (fractions such as 0.5 are fine)")
+        if not 1 <= self.grace_period <= self.base.epochs:
+            bad("grace_period", f"must lie in [1, epochs={self.base.epochs}]")
+        if not self.reduction_factor > 1:
+            bad("reduction_factor", "must be > 1")
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            bad("name", "use letters, digits, '.', '_' and '-' (it names a folder)")
+        return self
+
+    @property
+    def storage_path(self) -> str:
+        return self.base.storage_path
+
+    def optuna_url(self, name: str) -> str:
+        if self.optuna_storage:
+            return self.optuna_storage
+        folder = Path(self.storage_path) if "://" not in self.storage_path else results_dir()
+        (folder / "optuna").mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{folder / 'optuna' / (name + '.db')}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["base"] = self.base.to_dict()
+        return d
+
+
+# ---------------------------------------------------------------------------
+# search space (module level: OptunaSearch pickles it with plain pickle)
+# ---------------------------------------------------------------------------
+class SearchSpace:
+    """Define-by-run space: learning rate and weight decay, then the method's own parameters."""
+
+    def __init__(self, method: str):
+        self.method = method
+
+    def __call__(self, trial) -> dict:
+        lr = trial.suggest_float("lr", *LR_RANGE, log=True)
+        wd = trial.suggest_float("weight_decay", *WD_RANGE, log=True)
+        return {"lr": lr, "weight_decay": wd, "method_params": METHODS[self.method].search_space(trial)}
+
+    def describe(self) -> dict:
+        """The space as a plain dict (for the parent run), read off a recording Optuna trial."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        trial = study.ask()
+        self(trial)
+        return {name: repr(dist) for name, dist in trial.distributions.items()}
+
+
+def default_point(method: str, base: TrainConfig) -> dict:
+    """The untuned default configuration, in the space's flat parameter names."""
+    import optuna
+
+    trial = optuna.create_study().ask()
+    keys = set(SearchSpace(method)(trial)["method_params"])
+    defaults = {**METHODS[method].defaults, **base.method_params}
+    return {"lr": base.lr, "weight_decay": base.weight_decay, **{k: defaults[k] for k in keys}}
+
+
+def flat_point(config: dict, like: dict) -> dict:
+    """A trial's TrainConfig dict in the flat names of ``like`` (a point of the space)."""
+    return {k: config[k] if k in ("lr", "weight_decay") else config["method_params"].get(k) for k in like}
+
+
+def trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+# ---------------------------------------------------------------------------
+# the trial (runs as a Tune trainable)
+# ---------------------------------------------------------------------------
+def trial_config(config: dict) -> TrainConfig:
+    """The TrainConfig of one trial: the base settings plus the suggested values."""
+    d = dict(config["base"])
+    d["lr"] = config["lr"]
+    d["weight_decay"] = config["weight_decay"]
+    d["method_params"] = {**d.get("method_params", {}), **config["method_params"]}
+    d["seed"] = int(config.get("trial_seed", d["seed"]))
+    return TrainConfig.from_dict(d)
+
+
+def run_trial(config: dict) -> None:
+    """Tune trainable: one Ray Train run; its reports reach Tune through TuneReportCallback."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .train import make_trainer
+
+    cfg = trial_config(config)
+    trial_id = tune.get_context().get_trial_id()
+    trainer = make_trainer(cfg, f"{config['sweep_name']}-{trial_id}", [TuneReportCallback()], gpus_per_worker=config["gpus_per_worker"])
+    trainer.fit()
+
+
+# ---------------------------------------------------------------------------
+# MLflow record (a Tune callback: runs in this driver process)
+# ---------------------------------------------------------------------------
+class SweepRecorder(tune.Callback):
+    """One child MLflow run per trial under the sweep's parent run; resume-safe.
+
+    A trial's run is found again by its trial id after ``--resume``, and epochs already logged are
+    not logged twice, so an interrupted and resumed trial shows one continuous history.
+    """
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep_name: str, epochs: int, num_trials: int):
+        self.uri, self.experiment_id, self.parent = uri, experiment_id, parent_run_id
+        self.sweep_name, self.epochs, self.num_trials = sweep_name, epochs, num_trials
+        self.runs: dict[str, str] = {}
+        self.logged: dict[str, int] = {}
+        self.client = MlflowClient(uri)
+        self.failed_writes = 0
+
+    def __getstate__(self):  # Tune pickles callbacks with the experiment state
+        d = self.__dict__.copy()
+        d["client"] = None
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self.client = MlflowClient(self.uri)
+
+    def _safely(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - a tracking outage must not stop the training
+            self.failed_writes += 1
+            warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); results stay in Ray's storage", stacklevel=2)
+            return None
+
+    def run_of(self, trial) -> str | None:
+        tid = trial.trial_id
+        if tid in self.runs:
+            return self.runs[tid]
+        found = self.client.search_runs(
+            [self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent}' and tags.`{TRIAL_TAG}` = '{tid}'", max_results=1
+        )
+        if found:
+            run_id = found[0].info.run_id
+            hist = self.client.get_metric_history(run_id, "epoch")
+            self.logged[tid] = int(max((m.step for m in hist), default=0))
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            cfg = trial_config(trial.config)
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{self.sweep_name}-{tid}",
+                tags={PARENT_TAG: self.parent, TRIAL_TAG: tid, SWEEP_TAG: self.sweep_name, "ood_ray.method": cfg.method},
+            )
+            run_id = run.info.run_id
+            self.client.log_batch(run_id, params=tracking.params_of(cfg.to_dict()))
+            self.logged[tid] = 0
+        self.runs[tid] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        run_id = self._safely("create run", self.run_of, trial)
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        say(f"trial {trial.trial_id} started ({done}/{self.num_trials} done); MLflow run {run_id}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        epoch = int(result.get("epoch", 0))
+        tid = trial.trial_id
+        run_id = self._safely("create run", self.run_of, trial)
+        if run_id is None or epoch <= self.logged.get(tid, 0):
+            return
+        metrics = {k: v for k, v in result.items() if k.startswith(("val_", "train_", "state_", "chosen_")) or k in METRIC_KEYS}
+        if self._safely("log metrics", lambda: tracking.log_metrics(self.client, run_id, metrics, epoch) or True):
+            self.logged[tid] = epoch
+        if "checkpoint_path" in result:
+            self._safely("tag", self.client.set_tag, run_id, "ood_ray.checkpoint", result["checkpoint_path"])
+        say(f"trial {tid} epoch {epoch}/{self.epochs}: objective {result.get('objective', math.nan):.4f}  val_acc {result.get('val_acc', math.nan):.4f}  val_auroc {result.get('val_auroc', math.nan):.4f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._safely("create run", self.run_of, trial)
+        if run_id is None:
+            return
+        epoch = int((trial.last_result or {}).get("epoch", 0))
+        if epoch < self.epochs:
+            note = f"stopped early by ASHA after epoch {epoch} of {self.epochs}"
+            self._safely("tag", self.client.set_tag, run_id, "ood_ray.outcome", note)
+            self._safely("end run", self.client.set_terminated, run_id, "KILLED")
+            say(f"trial {trial.trial_id} {note}")
+        else:
+            self._safely("tag", self.client.set_tag, run_id, "ood_ray.outcome", "completed")
+            self._safely("end run", self.client.set_terminated, run_id, "FINISHED")
+            say(f"trial {trial.trial_id} completed: objective {trial.last_result.get('objective', math.nan):.4f}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._safely("create run", self.run_of, trial)
+        error = trial_error(trial)
+        if run_id is not None:
+            self._safely("tag", self.client.set_tag, run_id, "ood_ray.outcome", f"failed: {error}"[:5000])
+            self._safely("end run", self.client.set_terminated, run_id, "FAILED")
+        say(f"trial {trial.trial_id} FAILED: {error[:500]}")
+
+
+METRIC_KEYS = ("objective", "epoch", "lr", "eval_time_s", "start_epoch", "posthoc_candidates", "temperature")
+
+
+def trial_error(trial) -> str:
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        text = ""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error (see the Tune trial folder)"
+
+
+def say(line: str) -> None:
+    sys.stdout.write(f"[ood-ray] {line}\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------
+# the sweep
+# ---------------------------------------------------------------------------
+@dataclass
+class SweepOutcome:
+    name: str
+    parent_run_id: str
+    best: dict  # the best trial: trial_id, config (TrainConfig dict), val metrics, checkpoint
+    default: dict | None  # the untuned default trial, same keys (None when not included)
+    test_metrics: dict
+    pareto: list[dict]
+    trials: list[dict]  # every trial: trial_id, status, epochs, objective, checkpoint
+    wall_time_s: float
+    experiment_path: str
+    model_uri: str | None
+    artifacts: list[str]
+
+
+def resources_per_trial(sweep: SweepConfig, gpus_per_worker: float) -> dict:
+    base = sweep.base
+    return {
+        "CPU": sweep.trial_cpus + base.num_workers * base.cpus_per_worker,
+        "GPU": base.num_workers * gpus_per_worker,
+    }
+
+
+def plan_concurrency(sweep: SweepConfig, cluster: dict, gpus_per_worker: float) -> int:
+    """How many trials fit on the cluster at once (the Train workers of a trial start together)."""
+    need = resources_per_trial(sweep, gpus_per_worker)
+    have_cpu, have_gpu = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    if need["GPU"] > have_gpu:
+        raise ConfigError(
+            f"gpus_per_worker={gpus_per_worker} x num_workers={sweep.base.num_workers} needs {need['GPU']:g} GPUs per trial; "
+            f"the cluster has {have_gpu:g}"
+        )
+    if need["CPU"] > have_cpu:
+        raise ConfigError(
+            f"a trial needs {need['CPU']:g} CPUs (trial_cpus={sweep.trial_cpus} + num_workers={sweep.base.num_workers} x "
+            f"cpus_per_worker={sweep.base.cpus_per_worker}); the cluster has {have_cpu:g}"
+        )
+    fit = int(have_cpu // need["CPU"])
+    if need["GPU"] > 0:
+        fit = min(fit, int(have_gpu // need["GPU"]))
+    fit = max(1, min(fit, sweep.num_trials))
+    return min(fit, sweep.concurrency) if sweep.concurrency else fit
+
+
+def latest_sweep(storage_path: str, method: str) -> str:
+    root = Path(storage_path)
+    found = sorted((p for p in root.glob(f"{method}-sweep-*") if (p / "tuner.pkl").exists()), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ConfigError(f"resume: no {method} sweep to resume under {storage_path} (pass --name)")
+    return found[-1].name
+
+
+def find_parent(client: MlflowClient, experiment_id: str, name: str):
+    runs = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{name}' and tags.`ood_ray.kind` = 'sweep'", max_results=1)
+    return runs[0] if runs else None
+
+
+def run_sweep(sweep: SweepConfig) -> SweepOutcome:
+    """Run (or with ``resume`` continue) a sweep; returns the best trial and where everything is."""
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from .train import ensure_ray, load_benchmark
+
+    t0 = time.perf_counter()
+    sweep.validate()
+    base = sweep.base
+    load_benchmark(base, verify=True)
+    tracking.check_tracking(base.mlflow_uri)
+    if sweep.resume and not sweep.name:
+        sweep.name = latest_sweep(base.storage_path, sweep.method)
+    name = sweep.name or f"{sweep.method}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep.name = name
+    exp_path = f"{base.storage_path.rstrip('/')}/{name}"
+    client = MlflowClient(base.mlflow_uri)
+    exp_id = tracking.ensure_experiment(client, base.experiment)
+    parent = find_parent(client, exp_id, name)
+    if sweep.resume:
+        if "://" not in exp_path and not Path(exp_path, "tuner.pkl").exists():
+            raise ConfigError(f"resume: {exp_path} holds no sweep to resume (no tuner.pkl)")
+    elif parent is not None or ("://" not in exp_path and Path(exp_path).exists()):
+        raise ConfigError(f"name={name!r}: a sweep of that name exists in {exp_path}; pass --resume to continue it or choose another name")
+    space = SearchSpace(sweep.method)
+    if parent is None:
+        parent = client.create_run(exp_id, run_name=name, tags={SWEEP_TAG: name, "ood_ray.kind": "sweep", "ood_ray.method": sweep.method})
+        args = {k: v for k, v in sweep.to_dict().items() if k != "base"}
+        client.log_batch(parent.info.run_id, params=tracking.params_of({**args, "base": base.to_dict()}))
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "search_space.json").write_text(json.dumps({"space": space.describe(), "posthoc_grid": METHODS[sweep.method].posthoc_grid()}, indent=2) + "\n")
+            Path(tmp, "sweep.json").write_text(json.dumps(sweep.to_dict(), indent=2, default=str) + "\n")
+            client.log_artifacts(parent.info.run_id, tmp)
+    else:
+        client.update_run(parent.info.run_id, status="RUNNING")
+    parent_id = parent.info.run_id
+    say(f"sweep {name!r}: MLflow parent run {parent_id} in experiment {base.experiment!r} at {base.mlflow_uri}")
+    say(f"sweep folder {exp_path}; Optuna study {sweep.optuna_url(name)}")
+
+    try:
+        ensure_ray()
+        cluster = ray.cluster_resources()
+        gpus = sweep.gpus_per_worker if sweep.gpus_per_worker is not None else (1.0 if cluster.get("GPU", 0) > 0 else 0.0)
+        concurrency = plan_concurrency(sweep, cluster, gpus)
+        say(f"{sweep.num_trials} trials of {base.epochs} epochs, {base.num_workers} workers each, {concurrency} at a time")
+        metric = objective_metrics(base.objective)
+        multi = len(metric) > 1
+        points = ([default_point(sweep.method, base)] if sweep.include_default else []) + list(sweep.points_to_evaluate)
+        searcher = OptunaSearch(
+            space=space,
+            metric=metric if multi else metric[0],
+            mode=["max"] * len(metric) if multi else "max",
+            points_to_evaluate=points or None,
+            seed=sweep.seed,
+            storage=optuna.storages.RDBStorage(sweep.optuna_url(name)),
+            study_name=name,
+        )
+        scheduler = (
+            ASHAScheduler(metric="objective", mode="max", time_attr="training_iteration", max_t=base.epochs, grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
+            if sweep.asha
+            else None
+        )
+        trainable = tune.with_resources(run_trial, {"CPU": sweep.trial_cpus})
+        recorder = SweepRecorder(base.mlflow_uri, exp_id, parent_id, name, base.epochs, sweep.num_trials)
+        if sweep.resume:
+            say(f"resuming sweep {name!r} from {exp_path}")
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"base": base.to_dict(), "sweep_name": name, "gpus_per_worker": gpus},
+                tune_config=tune.TuneConfig(
+                    num_samples=sweep.num_trials, search_alg=searcher, scheduler=scheduler, max_concurrent_trials=concurrency, trial_dirname_creator=trial_dirname
+                ),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=base.storage_path,
+                    callbacks=[recorder],
+                    failure_config=tune.FailureConfig(max_failures=sweep.max_trial_failures),
+                    verbose=0,
+                ),
+            )
+        grid = tuner.fit()
+        outcome = finish_sweep(sweep, grid, client, parent_id, exp_path, multi, gpus, t0)
+    except BaseException as e:
+        client.set_tag(parent_id, "ood_ray.error", f"{type(e).__name__}: {e}"[:5000])
+        client.set_terminated(parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    return outcome
+
+
+def summarize(result) -> dict:
+    m = dict(result.metrics or {})
+    cfg = trial_config(result.config) if result.config else None
+    return {
+        "trial_id": m.get("trial_id") or Path(result.path).name,
+        "status": "error" if result.error else ("completed" if cfg and m.get("epoch") == cfg.epochs else "stopped early"),
+        "epochs": int(m.get("epoch", 0) or 0),
+        "objective": m.get("objective"),
+        "val_acc": m.get("val_acc"),
+        "val_auroc": m.get("val_auroc"),
+        "checkpoint": m.get("checkpoint_path"),
+        "config": cfg.to_dict() if cfg else None,
+        "metrics": {k: v for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)},
+        "error": str(result.error)[:2000] if result.error else None,
+    }
+
+
+def pareto_front(rows: list[dict], keys=("val_acc", "val_auroc")) -> list[dict]:
+    """Rows not dominated on ``keys`` (all maximised)."""
+    front = []
+    for r in rows:
+        v = [r[k] for k in keys]
+        dominated = any(all(o[k] >= x for k, x in zip(keys, v, strict=True)) and any(o[k] > x for k, x in zip(keys, v, strict=True)) for o in rows)
+        if not dominated:
+            front.append(r)
+    return front
+
+
+def finish_sweep(sweep: SweepConfig, grid, client: MlflowClient, parent_id: str, exp_path: str, multi: bool, gpus: float, t0: float) -> SweepOutcome:
+    base = sweep.base
+    trials = [summarize(r) for r in grid]
+    done = [t for t in trials if t["status"] == "completed" and t["objective"] is not None and math.isfinite(t["objective"])]
+    if not done:
+        errors = "; ".join(f"{t['trial_id']}: {t['error'] or t['status']}" for t in trials)[:3000]
+        raise RuntimeError(f"sweep {sweep.name!r}: no trial completed all {base.epochs} epochs ({errors})")
+    pareto = pareto_front(done) if multi else []
+    pool = [t for t in pareto if t["val_acc"] >= base.min_val_acc] or pareto if multi else done
+    best = max(pool, key=lambda t: (t["objective"], t["val_auroc"] or 0))
+    default = None
+    if sweep.include_default:
+        point = default_point(sweep.method, base)
+        default = next((t for t in trials if t["config"] and flat_point(t["config"], point) == point), None)
+    say(f"best trial {best['trial_id']}: objective {best['objective']:.4f} (val_acc {best['val_acc']:.4f}, val_auroc {best['val_auroc']:.4f})")
+    if default is not None and default["objective"] is not None:
+        say(f"untuned default trial {default['trial_id']}: objective {default['objective']:.4f}")
+    say("evaluating the best trial on the test split")
+    evaluation = ray.get(evaluate_remote.options(num_cpus=sweep.trial_cpus, num_gpus=min(gpus, 1.0)).remote(best["checkpoint"], base.eval_batch_size))
+    test_metrics = evaluation["test"]
+    artifacts = write_artifacts(sweep, client, parent_id, trials, best, default, evaluation)
+    model_uri = None
+    register = f"ood-ray-{sweep.method}" if sweep.register_name is None else sweep.register_name
+    best_run = find_trial_run(client, parent_id, best["trial_id"])
+    if best_run is not None:
+        model_uri = log_best_model(client, best_run, best["checkpoint"], register or None)
+    metrics = {f"best_{k}": v for k, v in best["metrics"].items() if k.startswith("val_") or k in ("objective", "temperature") or k.startswith("chosen_")}
+    metrics.update({f"best_{k}": v for k, v in test_metrics.items()})
+    if default is not None:
+        metrics.update({f"default_{k}": v for k, v in default["metrics"].items() if k in ("objective", "val_acc", "val_auroc", "val_fpr95")})
+    metrics["trials_completed"] = len(done)
+    metrics["trials_stopped_early"] = sum(t["status"] == "stopped early" for t in trials)
+    metrics["trials_failed"] = sum(t["status"] == "error" for t in trials)
+    wall = time.perf_counter() - t0
+    metrics["wall_time_s"] = wall
+    tracking.log_metrics(client, parent_id, metrics, step=0)
+    client.set_tag(parent_id, "ood_ray.best_trial", best["trial_id"])
+    client.set_tag(parent_id, "ood_ray.best_checkpoint", best["checkpoint"])
+    if best_run is not None:
+        client.set_tag(parent_id, "ood_ray.best_run", best_run)
+    if model_uri:
+        client.set_tag(parent_id, "ood_ray.model_uri", model_uri)
+    client.set_terminated(parent_id, "FINISHED")
+    return SweepOutcome(sweep.name, parent_id, best, default, test_metrics, pareto, trials, wall, exp_path, model_uri, artifacts)
+
+
+def find_trial_run(client: MlflowClient, parent_id: str, trial_id: str) -> str | None:
+    exp = client.get_run(parent_id).info.experiment_id
+    runs = client.search_runs([exp], f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def log_best_model(client: MlflowClient, run_id: str, checkpoint_path: str, register: str | None) -> str:
+    """Log the best checkpoint as a pyfunc model in its trial's run and register it."""
+    import mlflow
+
+    from .serve import log_ood_model
+
+    mlflow.set_tracking_uri(client.tracking_uri)
+    with ray.train.Checkpoint(checkpoint_path).as_directory() as d, mlflow.start_run(run_id=run_id):
+        info = log_ood_model(d, name="model", registered_model_name=register)
+    client.set_terminated(run_id, client.get_run(run_id).info.status)
+    uri = f"models:/{register}/{info.registered_model_version}" if register and info.registered_model_version else info.model_uri
+    say(f"best model logged: {info.model_uri}" + (f", registered as {uri}" if register else ""))
+    return uri
+
+
+@ray.remote
+def evaluate_remote(checkpoint_path: str, batch_size: int) -> dict:
+    """Test metrics of a checkpoint (single process) and the arrays the plots need."""
+    import torch
+
+    from .evaluate import collect, evaluate_split
+    from .train import load_benchmark, model_from_checkpoint
+
+    torch.set_num_threads(1)
+    with ray.train.Checkpoint(checkpoint_path).as_directory() as d:
+        model, meta, cfg = model_from_checkpoint(d)
+    method = get_method(cfg.method, cfg.method_params)
+    bench = load_benchmark(cfg)
+    test = evaluate_split(model, method, bench, "test", 0, 1, "cpu", batch_size)
+    grad = torch.enable_grad() if method.eval_needs_grad else torch.no_grad()
+    with grad:
+        test_id = collect(model, method, bench.test, 0, 1, "cpu", batch_size)
+        test_ood = {n: collect(model, method, m, 0, 1, "cpu", batch_size)[method.default_score] for n, m in bench.ood_test.items()}
+    with torch.no_grad():
+        val = collect(model, method, bench.val, 0, 1, "cpu", batch_size)
+    temperature = float(model.head.temperature) if hasattr(model.head, "temperature") else None
+    return {
+        "test": test,
+        "score": method.default_score,
+        "test_id_scores": test_id[method.default_score],
+        "test_ood_scores": test_ood,
+        "val_logits": val["logits"],
+        "val_labels": val["labels"],
+        "temperature": temperature,
+        "method_params": method.params,
+    }
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_table(test: dict) -> str:
+    """Markdown table of the best trial's test metrics per OOD set, near, far and all."""
+    sets = sorted({k[len("test_ood_") : -len("_auroc")] for k in test if k.startswith("test_ood_") and k.endswith("_auroc") and f"{k[: -len('_auroc')]}_fpr95" in test})
+    cols = ("auroc", "fpr95", "fpr95_in", "aupr_in", "aupr_out")
+    lines = ["| test OOD set | " + " | ".join(c.upper().replace("_", "-") for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    rows = [(s, f"test_ood_{s}_") for s in sets] + [(g, f"test_{g}_") for g in ("near", "far")] + [("all", "test_")]
+    for label, pre in rows:
+        if f"{pre}auroc" in test:
+            lines.append(f"| {label} | " + " | ".join(f"{test.get(pre + c, math.nan):.4f}" for c in cols) + " |")
+    lines.append("")
+    lines.append(f"test accuracy {test.get('test_acc', math.nan):.4f}, ECE {test.get('test_ece', math.nan):.4f}, NLL {test.get('test_nll', math.nan):.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def write_artifacts(sweep, client, parent_id, trials, best, default, evaluation) -> list[str]:
+    """Plots and tables for the parent run; returns the artifact file names."""
+    import optuna
+
+    from . import plots
+
+    written = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        score = evaluation["score"]
+        plots.roc_curves(evaluation["test_id_scores"], evaluation["test_ood_scores"], out / "roc_test.png", title=f"best trial {best['trial_id']}: ROC on test ({score})")
+        plots.score_histograms(evaluation["test_id_scores"], evaluation["test_ood_scores"], out / "score_histograms_test.png", title=f"{score}: test ID vs each test OOD set")
+        logits, labels = evaluation["val_logits"], evaluation["val_labels"]
+        curves = {"as trained": softmax(logits)}
+        t = evaluation["temperature"]
+        if t is not None:
+            curves = {"before calibration (T=1)": softmax(logits * t), f"after calibration (T={t:.4g})": softmax(logits)}
+        plots.reliability_diagram(curves, labels, out / "reliability_val.png", title="validation ID reliability")
+        (out / "test_table.md").write_text(f"# Best trial {best['trial_id']} on the test split ({score})\n\n" + test_table(evaluation["test"]))
+        (out / "best_trial.json").write_text(json.dumps({k: best[k] for k in ("trial_id", "objective", "val_acc", "val_auroc", "checkpoint", "config")}, indent=2, default=str) + "\n")
+        (out / "trials.json").write_text(json.dumps([{k: t_[k] for k in ("trial_id", "status", "epochs", "objective", "val_acc", "val_auroc", "checkpoint", "error")} for t_ in trials], indent=2, default=str) + "\n")
+        try:
+            study = optuna.load_study(study_name=sweep.name, storage=sweep.optuna_url(sweep.name))
+            notes = plots.optuna_plots(study, out)
+            for key, value in notes.items():
+                if isinstance(value, str):
+                    (out / f"{key}.txt").write_text(value + "\n")
+        except Exception as e:  # noqa: BLE001 - plots are a convenience; say why they are missing
+            (out / "optuna_plots.txt").write_text(f"Optuna plots not written: {type(e).__name__}: {e}\n")
+        client.log_artifacts(parent_id, tmp)
+        written = sorted(p.name for p in out.iterdir())
+    return written
+
+
+def format_outcome(o: SweepOutcome) -> str:
+    lines = [
+        f"sweep {o.name}: {len(o.trials)} trials in {o.wall_time_s:.0f}s ({sum(t['status'] == 'completed' for t in o.trials)} completed, "
+        f"{sum(t['status'] == 'stopped early' for t in o.trials)} stopped early, {sum(t['status'] == 'error' for t in o.trials)} failed)",
+        f"best trial {o.best['trial_id']}: objective {o.best['objective']:.4f}, val_acc {o.best['val_acc']:.4f}, val_auroc {o.best['val_auroc']:.4f}",
+    ]
+    if o.default is not None and o.default["objective"] is not None:
+        lines.append(f"untuned default trial {o.default['trial_id']}: objective {o.default['objective']:.4f}")
+    lines.append(f"best config: lr={o.best['config']['lr']:.4g} weight_decay={o.best['config']['weight_decay']:.3g} method_params={o.best['config']['method_params']}")
+    lines.append(f"test: acc {o.test_metrics.get('test_acc', math.nan):.4f}  AUROC {o.test_metrics.get('test_auroc', math.nan):.4f}  FPR95 {o.test_metrics.get('test_fpr95', math.nan):.4f}")
+    if o.pareto:
+        lines.append("Pareto front (val_acc, val_auroc): " + ", ".join(f"{t['trial_id']} ({t['val_acc']:.4f}, {t['val_auroc']:.4f})" for t in o.pareto))
+    lines.append(f"model: {o.model_uri}")
+    lines.append(f"MLflow parent run {o.parent_run_id}; sweep folder {o.experiment_path}")
+    return "\n".join(lines)

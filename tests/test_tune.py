@@ -1,0 +1,214 @@
+"""Sweeps end to end: real Ray Tune + Train, real Optuna (sqlite), real sqlite MLflow, real shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ood_ray.config import ConfigError, TrainConfig
+from ood_ray.objective import objective_value
+from ood_ray.tune import (
+    SearchSpace,
+    SweepConfig,
+    default_point,
+    pareto_front,
+    plan_concurrency,
+    run_sweep,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_sweep(tmp_path, data, method, **kw) -> SweepConfig:
+    base = dict(data=str(data), epochs=2, num_workers=1, cpus_per_worker=0.5, storage_path=str(tmp_path / "ray"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="sweeps", delta_tpr=0.95)
+    base.update(kw.pop("base", {}))
+    kw.setdefault("register_name", "")
+    return SweepConfig(method=method, base=TrainConfig.from_dict(base), num_trials=kw.pop("num_trials", 2), **kw)
+
+
+def child_runs(uri, parent_id):
+    client = MlflowClient(uri)
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_objective_uses_val_metrics_and_guards_accuracy():
+    assert objective_value({"val_acc": 0.95, "val_auroc": 0.8}, "auroc", 0.9) == 0.8
+    assert objective_value({"val_acc": 0.85, "val_auroc": 0.99}, "auroc", 0.9) == pytest.approx(-0.15)
+    assert objective_value({"val_acc": 0.95, "val_fpr95": 0.3}, "fpr95", 0.9) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="validation metrics"):
+        objective_value({"test_acc": 0.9, "test_auroc": 0.9})
+    rows = [{"val_acc": 0.9, "val_auroc": 0.8}, {"val_acc": 0.95, "val_auroc": 0.7}, {"val_acc": 0.85, "val_auroc": 0.75}]
+    assert pareto_front(rows) == rows[:2]
+
+
+def test_search_space_is_picklable_and_default_point_is_in_it():
+    space = SearchSpace("dismax")
+    assert pickle.loads(pickle.dumps(space)).method == "dismax"
+    base = TrainConfig.from_dict({"method": "dismax"})
+    point = default_point("dismax", base)
+    assert point == {"lr": 0.05, "weight_decay": 5e-4, "alpha": 1.0, "entropic_scale": 10.0}
+    study = optuna.create_study()
+    study.enqueue_trial(point)
+    suggested = space(study.ask())
+    assert suggested["lr"] == 0.05 and suggested["method_params"] == {"alpha": 1.0, "entropic_scale": 10.0}
+    assert "lr" in space.describe() and "entropic_scale" in space.describe()
+
+
+def test_sweep_config_errors_name_the_value(digits_ood, tmp_path):
+    with pytest.raises(ConfigError, match="num_trials=0"):
+        make_sweep(tmp_path, digits_ood, "dismax", num_trials=0).validate()
+    with pytest.raises(ConfigError, match="method='nope'"):
+        make_sweep(tmp_path, digits_ood, "nope").validate()
+    sweep = make_sweep(tmp_path, digits_ood, "dismax", base={"num_workers": 2}).validate()
+    with pytest.raises(ConfigError, match="needs 4 GPUs per trial; the cluster has 1"):
+        plan_concurrency(sweep, {"CPU": 16, "GPU": 1}, gpus_per_worker=2)
+    with pytest.raises(ConfigError, match="a trial needs 1.5 CPUs"):
+        plan_concurrency(sweep, {"CPU": 1}, gpus_per_worker=0)
+    assert plan_concurrency(sweep, {"CPU": 2}, 0) == 1
+    assert plan_concurrency(sweep, {"CPU": 64, "GPU": 8}, 1) == 2  # capped by num_trials=2
+    sweep.num_trials = 10
+    assert plan_concurrency(sweep, {"CPU": 64, "GPU": 8}, 1) == 4  # 8 GPUs / 2 per trial
+
+
+def test_cli_tune_rejects_bad_input(tmp_path, capsys):
+    from ood_ray.cli import main
+
+    assert main(["tune", "--method", "dismax", "--num-trials", "0", "--storage-path", str(tmp_path)]) == 2
+    assert "num_trials=0" in capsys.readouterr().err
+    assert main(["tune", "--storage-path", str(tmp_path)]) == 2
+    assert "--method is required" in capsys.readouterr().err
+    assert main(["tune", "--method", "dismax", "--param", "delta=2", "--storage-path", str(tmp_path)]) == 2
+    assert "delta=2 must lie in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["dismax", "outlier_exposure", "confidence"])
+def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method):
+    register = f"t-{method}" if method == "dismax" else ""
+    sweep = make_sweep(tmp_path, digits_ood, method, register_name=register)
+    out = run_sweep(sweep)
+    uri = sweep.base.mlflow_uri
+    client = MlflowClient(uri)
+
+    # every trial trained on val data only; the test split reached only the parent, after the choice
+    assert len(out.trials) == 2 and out.default is not None
+    assert out.default["config"]["lr"] == 0.05
+    for t in out.trials:
+        assert not [k for k in t["metrics"] if k.startswith("test_")], t["trial_id"]
+    assert out.best["objective"] == max(t["objective"] for t in out.trials if t["status"] == "completed")
+    assert 0.0 <= out.test_metrics["test_auroc"] <= 1.0 and "test_acc" in out.test_metrics
+
+    parent = client.get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.params["method"] == method and parent.data.params["num_trials"] == "2"
+    assert parent.data.metrics["best_objective"] == pytest.approx(out.best["objective"])
+    assert parent.data.metrics["best_test_auroc"] == pytest.approx(out.test_metrics["test_auroc"])
+    assert "default_objective" in parent.data.metrics
+    names = {a.path for a in client.list_artifacts(out.parent_run_id)}
+    assert {"roc_test.png", "score_histograms_test.png", "reliability_val.png", "test_table.md", "search_space.json", "optimization_history.png"} <= names
+
+    children = child_runs(uri, out.parent_run_id)
+    assert sorted(r.data.tags["ood_ray.trial_id"] for r in children) == sorted(t["trial_id"] for t in out.trials)
+    for r in children:
+        assert r.data.params["method"] == method and "lr" in r.data.params
+        assert not [k for k in r.data.metrics if k.startswith("test_")]
+        epochs = [m.step for m in client.get_metric_history(r.info.run_id, "val_auroc")]
+        assert epochs == sorted(set(epochs)) and epochs[0] == 1, epochs  # one continuous history
+        if r.data.tags["ood_ray.outcome"] == "completed":
+            assert r.info.status == "FINISHED" and epochs == [1, 2] and "ood_ray.checkpoint" in r.data.tags
+
+    # the Optuna study persisted, with the trials' final objectives
+    study = optuna.load_study(study_name=out.name, storage=sweep.optuna_url(out.name))
+    values = sorted(t.value for t in study.trials if t.value is not None)
+    assert values == pytest.approx(sorted(t["objective"] for t in out.trials))
+
+    # post-hoc choices are part of the result and of the checkpoint
+    chosen = json.loads(Path(out.best["checkpoint"], "model.json").read_text())
+    assert chosen["delta"] == pytest.approx(out.best["metrics"]["chosen_delta"])
+    if method == "confidence":
+        assert out.best["metrics"]["posthoc_candidates"] == 6
+        assert chosen["method_params"]["epsilon"] == pytest.approx(out.best["metrics"]["chosen_epsilon"])
+    if method == "dismax":
+        assert out.best["metrics"]["posthoc_candidates"] == 4 and out.best["metrics"]["temperature"] > 0
+        assert out.model_uri == f"models:/{register}/1"
+        mlflow.set_tracking_uri(uri)
+        model = mlflow.pyfunc.load_model(out.model_uri)
+        images = np.zeros((3, 8, 8), dtype=np.uint8)
+        pred = model.predict(images)
+        assert len(pred) == 3 and set(pred["label"]) <= {*map(str, range(10)), "unknown"}
+        assert pred["delta"].iloc[0] == pytest.approx(chosen["delta"])
+
+
+def test_asha_stops_a_bad_trial(ray_session, digits_ood, tmp_path):
+    # default (lr 0.05) first, then a trial that cannot learn in one epoch; the accuracy guard makes
+    # the objective rank them by accuracy, so ASHA stops the second at its first rung
+    sweep = make_sweep(
+        tmp_path,
+        digits_ood,
+        "dismax",
+        base={"epochs": 3, "min_val_acc": 0.999},
+        concurrency=1,
+        points_to_evaluate=[{"lr": 0.005, "weight_decay": 1e-5, "alpha": 0.0, "entropic_scale": 1.0}],
+    )
+    out = run_sweep(sweep)
+    stopped = [t for t in out.trials if t["status"] == "stopped early"]
+    assert len(stopped) == 1 and stopped[0]["config"]["lr"] == 0.005 and stopped[0]["epochs"] == 1
+    run = next(r for r in child_runs(sweep.base.mlflow_uri, out.parent_run_id) if r.data.tags["ood_ray.trial_id"] == stopped[0]["trial_id"])
+    assert run.info.status == "KILLED" and "stopped early by ASHA after epoch 1 of 3" in run.data.tags["ood_ray.outcome"]
+    assert MlflowClient(sweep.base.mlflow_uri).get_run(out.parent_run_id).data.metrics["trials_stopped_early"] == 1
+
+
+def test_resume_after_the_driver_is_killed(ray_session, digits_ood, tmp_path):
+    """Kill the sweep's driver after its first trial; --resume finishes without rerunning it."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["--method", "softmax", "--name", "rs", "--num-trials", "3", "--epochs", "2", "--num-workers", "1", "--concurrency", "1", "--data", str(digits_ood), "--storage-path", str(tmp_path / "ray"), "--mlflow-uri", uri, "--experiment", "sweeps", "--register-name", ""]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "ood_ray.cli", "tune", *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    study_db = f"sqlite:///{tmp_path / 'ray' / 'optuna' / 'rs.db'}"
+    deadline = time.time() + 300
+    first = None
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+        try:
+            study = optuna.load_study(study_name="rs", storage=study_db)
+        except Exception:  # noqa: BLE001 - not created yet
+            continue
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if complete and len(study.trials) >= 2:
+            first = complete[0]
+            break
+    assert first is not None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_dirs = {p.name: sorted(c.name for c in p.glob("checkpoint_*")) for p in (tmp_path / "ray").glob("rs-*")}
+
+    from ood_ray.cli import main  # the resumed sweep runs in this process
+
+    assert main(["tune", *args, "--resume"]) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    study = optuna.load_study(study_name="rs", storage=study_db)
+    assert len(study.trials) == 3 and all(t.state.is_finished() for t in study.trials)
+    client = MlflowClient(uri)
+    parents = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id], "tags.`ood_ray.kind` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = child_runs(uri, parents[0].info.run_id)
+    trial_ids = [r.data.tags["ood_ray.trial_id"] for r in children]
+    assert len(trial_ids) == 3 == len(set(trial_ids))
+    for r in children:
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "epoch")]
+        assert steps == [1, 2], (r.data.tags["ood_ray.trial_id"], steps)
+    # trials that had finished before the kill were not trained again: no new checkpoints
+    after = {p.name: sorted(c.name for c in p.glob("checkpoint_*")) for p in (tmp_path / "ray").glob("rs-*")}
+    done_before = [name for name, ck in finished_dirs.items() if len(ck) == 2]
+    assert done_before and all(after[name] == finished_dirs[name] for name in done_before)
