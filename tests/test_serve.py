@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -94,9 +95,11 @@ def checkpoint(request, tmp_path):
 @pytest.fixture()
 def tracking(mlflow_uri, monkeypatch):
     """The sqlite store of this test as the tracking URI, with an experiment whose artifacts live
-    beside it in tmp_path."""
+    beside it in tmp_path. Also undoes mlflow.pyfunc.load_model's prepending of the model's code
+    folder to sys.path, so later tests (and Ray workers) import ood_ray from the source tree."""
     from ood_ray.tracking import ensure_experiment
 
+    saved_path = list(sys.path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)  # restored after the test
     mlflow.set_tracking_uri(mlflow_uri)
     try:
@@ -105,6 +108,7 @@ def tracking(mlflow_uri, monkeypatch):
         while mlflow.active_run():
             mlflow.end_run()
         mlflow.set_tracking_uri(None)
+        sys.path[:] = saved_path
 
 
 # ---------------------------------------------------------------------------
@@ -270,7 +274,7 @@ def test_log_register_load_and_predict(tmp_path, tracking):
     assert info.signature is None  # no input example: arrays and DataFrames both accepted
 
     local = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "dl"))
-    reqs = open(os.path.join(local, "requirements.txt")).read()
+    reqs = Path(local, "requirements.txt").read_text()
     assert "torch==" in reqs and "mlflow==" in reqs and "ray" not in reqs
     code = os.path.join(local, "code", "ood_ray")
     assert os.path.isfile(os.path.join(code, "serve.py"))
