@@ -24,10 +24,8 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
-from . import tracking
 from .config import ConfigError, TrainConfig
 from .data.default import ensure_default
 from .data.manifest import Benchmark
@@ -366,6 +364,10 @@ def ensure_ray() -> None:
 
 def run_training(cfg: TrainConfig) -> TrainOutcome:
     """Train ``cfg`` on Ray Train and record it in MLflow; returns the run and final metrics."""
+    from mlflow.tracking import MlflowClient  # driver only: Ray workers start faster without mlflow
+
+    from . import tracking
+
     t0 = time.perf_counter()
     cfg.validate()
     bench = load_benchmark(cfg, verify=True)

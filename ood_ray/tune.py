@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 import tempfile
@@ -37,6 +38,7 @@ import numpy as np
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
 from . import tracking
 from .config import ConfigError, TrainConfig, results_dir
@@ -138,6 +140,32 @@ class SearchSpace:
         trial = study.ask()
         self(trial)
         return {name: repr(dist) for name, dist in trial.distributions.items()}
+
+
+class SweepSearch(OptunaSearch):
+    """OptunaSearch that tolerates a resumed trial the study already recorded as finished.
+
+    Tune snapshots its experiment state every few seconds, the Optuna study on every ``tell``.
+    A driver killed in between leaves a trial finished in the study but running in Tune's
+    snapshot; on ``--resume`` Tune runs it again (Ray Train restores its final checkpoint and
+    reports it once more), and stock OptunaSearch would fail reporting to a finished trial.
+    """
+
+    def _finished_in_study(self, trial_id: str) -> bool:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return False
+        return self._ot_study.trials[ot_trial.number].state.is_finished()
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        if not self._finished_in_study(trial_id):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if self._finished_in_study(trial_id):
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
 
 
 def default_point(method: str, base: TrainConfig) -> dict:
@@ -368,7 +396,6 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
     """Run (or with ``resume`` continue) a sweep; returns the best trial and where everything is."""
     import optuna
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from .train import ensure_ray, load_benchmark
 
@@ -414,7 +441,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         metric = objective_metrics(base.objective)
         multi = len(metric) > 1
         points = ([default_point(sweep.method, base)] if sweep.include_default else []) + list(sweep.points_to_evaluate)
-        searcher = OptunaSearch(
+        searcher = SweepSearch(
             space=space,
             metric=metric if multi else metric[0],
             mode=["max"] * len(metric) if multi else "max",
@@ -428,6 +455,9 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
             if sweep.asha
             else None
         )
+        # Tune saves its experiment state at most this often (default: >= 10 s); what a killed
+        # driver leaves behind is at most this old, so --resume loses at most this much.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
         trainable = tune.with_resources(run_trial, {"CPU": sweep.trial_cpus})
         recorder = SweepRecorder(base.mlflow_uri, exp_id, parent_id, name, base.epochs, sweep.num_trials)
         if sweep.resume:
@@ -449,12 +479,33 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
                 ),
             )
         grid = tuner.fit()
+        close_orphans(sweep, client, parent_id, {r.metrics.get("trial_id") for r in grid if r.metrics})
         outcome = finish_sweep(sweep, grid, client, parent_id, exp_path, multi, gpus, t0)
     except BaseException as e:
         client.set_tag(parent_id, "ood_ray.error", f"{type(e).__name__}: {e}"[:5000])
         client.set_terminated(parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     return outcome
+
+
+def close_orphans(sweep: SweepConfig, client: MlflowClient, parent_id: str, known: set) -> None:
+    """After a resumed sweep: close what a killed driver started but Tune never saved.
+
+    Such a trial is unknown to the restored Tuner, so it never runs again: its Optuna trial is
+    marked FAIL and its MLflow run KILLED, both saying why, instead of staying RUNNING for ever.
+    """
+    import optuna
+
+    study = optuna.load_study(study_name=sweep.name, storage=sweep.optuna_url(sweep.name))
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.RUNNING:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            say(f"Optuna trial {t.number} was interrupted before the sweep's state was saved; marked FAIL")
+    exp = client.get_run(parent_id).info.experiment_id
+    for run in client.search_runs([exp], f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'"):
+        if run.data.tags.get(TRIAL_TAG) not in known:
+            client.set_tag(run.info.run_id, "ood_ray.outcome", "interrupted before the sweep's state was saved; not resumed")
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 def summarize(result) -> dict:

@@ -12,7 +12,6 @@ remaining arguments are keyword-only and backbone-specific.
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 __all__ = [
@@ -323,6 +322,8 @@ class MobileNetV2Features(nn.Module):
         if small_input is None:
             small_input = min(h, w) < 64
         self.small_input = bool(small_input)
+        import torchvision  # imported here: it costs Ray workers ~1.5 s at start-up otherwise
+
         net = torchvision.models.mobilenet_v2(weights=None, width_mult=width_mult)
         features = net.features
         old: nn.Conv2d = features[0][0]
