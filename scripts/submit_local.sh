@@ -16,6 +16,11 @@ python -c "import secrets; print(secrets.token_hex(32))" > "$RAY_AUTH_TOKEN_PATH
 chmod 600 "$RAY_AUTH_TOKEN_PATH"
 ray start --head --num-cpus 2 --port 6390 --dashboard-port 8275 --include-dashboard true --disable-usage-stats > "$WORK/ray-start.log" 2>&1
 trap 'ray stop --force > /dev/null 2>&1 || true' EXIT
+echo wrong-token > "$WORK/wrong_token"
+if RAY_AUTH_TOKEN_PATH="$WORK/wrong_token" ray job list --address http://127.0.0.1:8275 > "$WORK/wrong-token.log" 2>&1; then
+  echo "token authentication is not enforced: a wrong token was accepted" >&2; exit 1
+fi
+echo "ok: a wrong token is refused ($(grep -o 'authentication token is invalid' "$WORK/wrong-token.log" | head -1))"
 start=$(date +%s)
 ray job submit --address http://127.0.0.1:8275 --working-dir . -- \
   python jobs/tune_dismax.py --num-trials 4 --epochs 2 --name submit-check \
