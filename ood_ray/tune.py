@@ -48,7 +48,7 @@ from .objective import objective_metrics
 TRIAL_TAG = "ood_ray.trial_id"
 SWEEP_TAG = "ood_ray.sweep"
 PARENT_TAG = "mlflow.parentRunId"
-LR_RANGE = (0.005, 0.2)
+LR_RANGE = (0.1, 4.0)  # factors of the base learning rate
 WD_RANGE = (1e-5, 1e-3)
 
 
@@ -121,13 +121,18 @@ class SweepConfig:
 # search space (module level: OptunaSearch pickles it with plain pickle)
 # ---------------------------------------------------------------------------
 class SearchSpace:
-    """Define-by-run space: learning rate and weight decay, then the method's own parameters."""
+    """Define-by-run space: learning rate and weight decay, then the method's own parameters.
 
-    def __init__(self, method: str):
+    The learning rate is searched log-uniformly in [lr/10, 4·lr] around the base config's
+    ``lr`` (0.005–0.2 for the default 0.05), so the range suits SGD and AdamW alike.
+    """
+
+    def __init__(self, method: str, lr: float = 0.05):
         self.method = method
+        self.lr = lr
 
     def __call__(self, trial) -> dict:
-        lr = trial.suggest_float("lr", *LR_RANGE, log=True)
+        lr = trial.suggest_float("lr", self.lr * LR_RANGE[0], self.lr * LR_RANGE[1], log=True)
         wd = trial.suggest_float("weight_decay", *WD_RANGE, log=True)
         return {"lr": lr, "weight_decay": wd, "method_params": METHODS[self.method].search_space(trial)}
 
@@ -173,7 +178,7 @@ def default_point(method: str, base: TrainConfig) -> dict:
     import optuna
 
     trial = optuna.create_study().ask()
-    keys = set(SearchSpace(method)(trial)["method_params"])
+    keys = set(SearchSpace(method, base.lr)(trial)["method_params"])
     defaults = {**METHODS[method].defaults, **base.method_params}
     return {"lr": base.lr, "weight_decay": base.weight_decay, **{k: defaults[k] for k in keys}}
 
@@ -402,7 +407,9 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
     t0 = time.perf_counter()
     sweep.validate()
     base = sweep.base
-    load_benchmark(base, verify=True)
+    bench = load_benchmark(base, verify=True)
+    if not bench.ood_val:
+        raise ConfigError(f"data={bench.path}: a sweep's objective needs validation OOD sets (role 'ood-val'); the benchmark has none")
     tracking.check_tracking(base.mlflow_uri)
     if sweep.resume and not sweep.name:
         sweep.name = latest_sweep(base.storage_path, sweep.method)
@@ -417,7 +424,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
             raise ConfigError(f"resume: {exp_path} holds no sweep to resume (no tuner.pkl)")
     elif parent is not None or ("://" not in exp_path and Path(exp_path).exists()):
         raise ConfigError(f"name={name!r}: a sweep of that name exists in {exp_path}; pass --resume to continue it or choose another name")
-    space = SearchSpace(sweep.method)
+    space = SearchSpace(sweep.method, base.lr)
     if parent is None:
         parent = client.create_run(exp_id, run_name=name, tags={SWEEP_TAG: name, "ood_ray.kind": "sweep", "ood_ray.method": sweep.method})
         args = {k: v for k, v in sweep.to_dict().items() if k != "base"}
@@ -612,17 +619,19 @@ def evaluate_remote(checkpoint_path: str, batch_size: int) -> dict:
     from .train import load_benchmark, model_from_checkpoint
 
     torch.set_num_threads(1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU when the task was given one
     with ray.train.Checkpoint(checkpoint_path).as_directory() as d:
         model, meta, cfg = model_from_checkpoint(d)
+    model = model.to(device)
     method = get_method(cfg.method, cfg.method_params)
     bench = load_benchmark(cfg)
-    test = evaluate_split(model, method, bench, "test", 0, 1, "cpu", batch_size)
+    test = evaluate_split(model, method, bench, "test", 0, 1, device, batch_size)
     grad = torch.enable_grad() if method.eval_needs_grad else torch.no_grad()
     with grad:
-        test_id = collect(model, method, bench.test, 0, 1, "cpu", batch_size)
-        test_ood = {n: collect(model, method, m, 0, 1, "cpu", batch_size)[method.default_score] for n, m in bench.ood_test.items()}
+        test_id = collect(model, method, bench.test, 0, 1, device, batch_size)
+        test_ood = {n: collect(model, method, m, 0, 1, device, batch_size)[method.default_score] for n, m in bench.ood_test.items()}
     with torch.no_grad():
-        val = collect(model, method, bench.val, 0, 1, "cpu", batch_size)
+        val = collect(model, method, bench.val, 0, 1, device, batch_size)
     temperature = float(model.head.temperature) if hasattr(model.head, "temperature") else None
     return {
         "test": test,

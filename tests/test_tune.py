@@ -55,7 +55,7 @@ def test_objective_uses_val_metrics_and_guards_accuracy():
 
 
 def test_search_space_is_picklable_and_default_point_is_in_it():
-    space = SearchSpace("dismax")
+    space = SearchSpace("dismax", 0.05)
     assert pickle.loads(pickle.dumps(space)).method == "dismax"
     base = TrainConfig.from_dict({"method": "dismax"})
     point = default_point("dismax", base)
@@ -65,6 +65,7 @@ def test_search_space_is_picklable_and_default_point_is_in_it():
     suggested = space(study.ask())
     assert suggested["lr"] == 0.05 and suggested["method_params"] == {"alpha": 1.0, "entropic_scale": 10.0}
     assert "lr" in space.describe() and "entropic_scale" in space.describe()
+    assert "high=0.004, log=True, low=0.0001" in SearchSpace("softmax", 0.001).describe()["lr"]  # around the base lr
 
 
 def test_sweep_config_errors_name_the_value(digits_ood, tmp_path):
@@ -97,7 +98,8 @@ def test_cli_tune_rejects_bad_input(tmp_path, capsys):
 @pytest.mark.parametrize("method", ["dismax", "outlier_exposure", "confidence"])
 def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method):
     register = f"t-{method}" if method == "dismax" else ""
-    sweep = make_sweep(tmp_path, digits_ood, method, register_name=register)
+    objective = "acc+auroc" if method == "confidence" else "auroc"  # multi-objective: a Pareto front
+    sweep = make_sweep(tmp_path, digits_ood, method, register_name=register, base={"objective": objective})
     out = run_sweep(sweep)
     uri = sweep.base.mlflow_uri
     client = MlflowClient(uri)
@@ -107,7 +109,13 @@ def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method):
     assert out.default["config"]["lr"] == 0.05
     for t in out.trials:
         assert not [k for k in t["metrics"] if k.startswith("test_")], t["trial_id"]
-    assert out.best["objective"] == max(t["objective"] for t in out.trials if t["status"] == "completed")
+    done = [t for t in out.trials if t["status"] == "completed"]
+    if objective == "acc+auroc":
+        assert out.pareto and out.best in out.pareto
+        for t in out.pareto:  # nothing completed beats a front member on both val metrics
+            assert not any(o["val_acc"] > t["val_acc"] and o["val_auroc"] > t["val_auroc"] for o in done)
+    else:
+        assert out.best["objective"] == max(t["objective"] for t in done)
     assert 0.0 <= out.test_metrics["test_auroc"] <= 1.0 and "test_acc" in out.test_metrics
 
     parent = client.get_run(out.parent_run_id)
@@ -130,8 +138,12 @@ def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method):
 
     # the Optuna study persisted, with the trials' final objectives
     study = optuna.load_study(study_name=out.name, storage=sweep.optuna_url(out.name))
-    values = sorted(t.value for t in study.trials if t.value is not None)
-    assert values == pytest.approx(sorted(t["objective"] for t in out.trials))
+    if objective == "acc+auroc":
+        values = sorted(v for t in study.trials if t.values for v in t.values)
+        assert values == pytest.approx(sorted(v for t in out.trials for v in (t["val_acc"], t["val_auroc"])))
+    else:
+        values = sorted(t.value for t in study.trials if t.value is not None)
+        assert values == pytest.approx(sorted(t["objective"] for t in out.trials))
 
     # post-hoc choices are part of the result and of the checkpoint
     chosen = json.loads(Path(out.best["checkpoint"], "model.json").read_text())
