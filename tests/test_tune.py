@@ -229,3 +229,17 @@ def test_resume_after_the_driver_is_killed(ray_session, digits_ood, tmp_path):
     after = {p.name: sorted(c.name for c in p.glob("checkpoint_*") if c.is_dir()) for p in (tmp_path / "ray").glob("rs-*")}
     done_before = [name for name, ck in finished_dirs.items() if len(ck) == 2]
     assert done_before and all(after[name] == finished_dirs[name] for name in done_before), (finished_dirs, after)
+
+
+def test_failed_trial_is_recorded_as_failed(ray_session, digits_ood, tmp_path):
+    # FPR regularization needs a per-worker batch of 2; a global batch of 2 over 2 workers fails
+    sweep = make_sweep(tmp_path, digits_ood, "dismax", num_trials=1, max_trial_failures=0, base={"batch_size": 2, "num_workers": 2, "max_failures": 0})
+    with pytest.raises(RuntimeError, match="no trial completed all 2 epochs"):
+        run_sweep(sweep)
+    client = MlflowClient(sweep.base.mlflow_uri)
+    exp = client.get_experiment_by_name("sweeps").experiment_id
+    parent = client.search_runs([exp], "tags.`ood_ray.kind` = 'sweep'")[0]
+    assert parent.info.status == "FAILED" and "no trial completed" in parent.data.tags["ood_ray.error"]
+    (child,) = child_runs(sweep.base.mlflow_uri, parent.info.run_id)
+    assert child.info.status == "FAILED"
+    assert "per-worker batch of at least 2" in child.data.tags["ood_ray.outcome"], child.data.tags["ood_ray.outcome"]
