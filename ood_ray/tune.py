@@ -48,7 +48,7 @@ from .objective import objective_metrics
 TRIAL_TAG = "ood_ray.trial_id"
 SWEEP_TAG = "ood_ray.sweep"
 PARENT_TAG = "mlflow.parentRunId"
-LR_RANGE = (0.1, 4.0)  # factors of the base learning rate
+LR_RANGE = (10.0, 4.0)  # the learning rate is searched in [lr / 10, 4 * lr]
 WD_RANGE = (1e-5, 1e-3)
 
 
@@ -132,7 +132,7 @@ class SearchSpace:
         self.lr = lr
 
     def __call__(self, trial) -> dict:
-        lr = trial.suggest_float("lr", self.lr * LR_RANGE[0], self.lr * LR_RANGE[1], log=True)
+        lr = trial.suggest_float("lr", self.lr / LR_RANGE[0], self.lr * LR_RANGE[1], log=True)
         wd = trial.suggest_float("weight_decay", *WD_RANGE, log=True)
         return {"lr": lr, "weight_decay": wd, "method_params": METHODS[self.method].search_space(trial)}
 
