@@ -63,7 +63,9 @@ def cmd_tune(ns: argparse.Namespace) -> int:
     from .tune import SweepConfig, format_outcome, run_sweep
 
     if ns.method is None:
-        raise ConfigError("--method is required for tune; choose one of: softmax, outlier_exposure, confidence, dismax")
+        from .methods import METHODS
+
+        raise ConfigError(f"--method is required for tune; choose one of: {', '.join(METHODS)}")
     base = config_from_args(ns, defaults=TUNE_DEFAULTS)
     sweep = SweepConfig(
         method=ns.method,
