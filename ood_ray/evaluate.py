@@ -92,16 +92,32 @@ def split_metrics(
     return res
 
 
-def evaluate_split(model, method: Method, bench: Benchmark, split: str, rank: int, world: int, device, batch_size: int) -> dict[str, float]:
-    """Metrics of ``split`` ('val' or 'test') over all ranks; every rank gets the same dict."""
+def scoring_mode(method: Method):
+    """``no_grad`` unless the method's scores need input gradients (input preprocessing)."""
+    return torch.enable_grad() if method.eval_needs_grad else torch.no_grad()
+
+
+def score_split(model, method: Method, bench: Benchmark, split: str, rank: int, world: int, device, batch_size: int):
+    """Gathered outputs of ``split`` ('val' or 'test'): the ID split's and each OOD set's."""
     id_manifest = bench.val if split == "val" else bench.test
     ood = bench.ood_val if split == "val" else bench.ood_test
-    with torch.no_grad() if not method.eval_needs_grad else torch.enable_grad():
+    with scoring_mode(method):
         id_out = gather(collect(model, method, id_manifest, rank, world, device, batch_size), world)
         ood_outs = {name: gather(collect(model, method, m, rank, world, device, batch_size), world) for name, m in ood.items()}
+    return id_out, ood_outs
+
+
+def metrics_of(split: str, method: Method, bench: Benchmark, id_out, ood_outs) -> dict[str, float]:
+    """The metrics of outputs from ``score_split``."""
+    ood = bench.ood_val if split == "val" else bench.ood_test
     res = split_metrics(split, id_out, ood_outs, {n: m.group for n, m in ood.items()}, method.score_names(), method.default_score)
     res.update(threshold_metrics(split, id_out, ood_outs, method.threshold_score, method.params.get("delta")))
     return res
+
+
+def evaluate_split(model, method: Method, bench: Benchmark, split: str, rank: int, world: int, device, batch_size: int) -> dict[str, float]:
+    """Metrics of ``split`` ('val' or 'test') over all ranks; every rank gets the same dict."""
+    return metrics_of(split, method, bench, *score_split(model, method, bench, split, rank, world, device, batch_size))
 
 
 def threshold_metrics(prefix: str, id_out, ood_outs, score: str, delta: float | None) -> dict[str, float]:

@@ -30,7 +30,7 @@ from .config import ConfigError, TrainConfig
 from .data.default import ensure_default
 from .data.manifest import Benchmark
 from .data.streams import batches_per_epoch, outlier_batches, train_batches
-from .evaluate import collect, evaluate_split, gather, normalize, unwrap
+from .evaluate import collect, evaluate_split, gather, normalize, scoring_mode, unwrap
 from .methods import Method, get_method
 from .models import Classifier, build_backbone
 from .objective import objective_value
@@ -110,7 +110,7 @@ def post_train(model, method: Method, bench: Benchmark, rank: int, world: int, d
 
 def choose_delta(model, method: Method, bench: Benchmark, tpr: float, rank: int, world: int, device, batch_size: int) -> float:
     """δ that accepts the fraction ``tpr`` of val ID (a quantile of the threshold score), in [0, 1]."""
-    with torch.no_grad() if not method.eval_needs_grad else torch.enable_grad():
+    with scoring_mode(method):
         val = gather(collect(model, method, bench.val, rank, world, device, batch_size), world)
     return float(np.clip(np.quantile(val[method.threshold_score].astype(np.float64), 1.0 - tpr), 0.0, 1.0))
 
@@ -326,13 +326,10 @@ class TrainOutcome:
 
 
 def model_from_checkpoint(directory: str) -> tuple[Classifier, dict, TrainConfig]:
-    cfg = TrainConfig.from_dict(json.loads(Path(directory, "config.json").read_text()))
-    meta = json.loads(Path(directory, META_FILE).read_text())
-    bench = load_benchmark(cfg)
-    method = get_method(cfg.method, cfg.method_params)
-    model = build_model(cfg, method, bench)
-    model.load_state_dict(load_state(directory)["model"])
-    return model.eval(), meta, cfg
+    """The model of a checkpoint folder, in eval mode, with its model.json and config."""
+    from .serve import load_model_dir  # rebuilds from the folder alone (no benchmark read)
+
+    return load_model_dir(directory)
 
 
 def make_trainer(cfg: TrainConfig, name: str, callbacks: list, gpus_per_worker: float | None = None) -> TorchTrainer:

@@ -48,7 +48,7 @@ from .objective import objective_metrics
 TRIAL_TAG = "ood_ray.trial_id"
 SWEEP_TAG = "ood_ray.sweep"
 PARENT_TAG = "mlflow.parentRunId"
-LR_RANGE = (10.0, 4.0)  # the learning rate is searched in [lr / 10, 4 * lr]
+LR_BELOW, LR_ABOVE = 10.0, 4.0  # the learning rate is searched in [lr / 10, 4 * lr]
 WD_RANGE = (1e-5, 1e-3)
 
 
@@ -132,7 +132,7 @@ class SearchSpace:
         self.lr = lr
 
     def __call__(self, trial) -> dict:
-        lr = trial.suggest_float("lr", self.lr / LR_RANGE[0], self.lr * LR_RANGE[1], log=True)
+        lr = trial.suggest_float("lr", self.lr / LR_BELOW, self.lr * LR_ABOVE, log=True)
         wd = trial.suggest_float("weight_decay", *WD_RANGE, log=True)
         return {"lr": lr, "weight_decay": wd, "method_params": METHODS[self.method].search_space(trial)}
 
@@ -615,7 +615,7 @@ def evaluate_remote(checkpoint_path: str, batch_size: int) -> dict:
     """Test metrics of a checkpoint (single process) and the arrays the plots need."""
     import torch
 
-    from .evaluate import collect, evaluate_split
+    from .evaluate import collect, metrics_of, score_split
     from .train import load_benchmark, model_from_checkpoint
 
     torch.set_num_threads(1)
@@ -625,11 +625,8 @@ def evaluate_remote(checkpoint_path: str, batch_size: int) -> dict:
     model = model.to(device)
     method = get_method(cfg.method, cfg.method_params)
     bench = load_benchmark(cfg)
-    test = evaluate_split(model, method, bench, "test", 0, 1, device, batch_size)
-    grad = torch.enable_grad() if method.eval_needs_grad else torch.no_grad()
-    with grad:
-        test_id = collect(model, method, bench.test, 0, 1, device, batch_size)
-        test_ood = {n: collect(model, method, m, 0, 1, device, batch_size)[method.default_score] for n, m in bench.ood_test.items()}
+    test_id, test_ood = score_split(model, method, bench, "test", 0, 1, device, batch_size)  # scored once
+    test = metrics_of("test", method, bench, test_id, test_ood)
     with torch.no_grad():
         val = collect(model, method, bench.val, 0, 1, device, batch_size)
     temperature = float(model.head.temperature) if hasattr(model.head, "temperature") else None
@@ -637,7 +634,7 @@ def evaluate_remote(checkpoint_path: str, batch_size: int) -> dict:
         "test": test,
         "score": method.default_score,
         "test_id_scores": test_id[method.default_score],
-        "test_ood_scores": test_ood,
+        "test_ood_scores": {name: out[method.default_score] for name, out in test_ood.items()},
         "val_logits": val["logits"],
         "val_labels": val["labels"],
         "temperature": temperature,
@@ -671,7 +668,6 @@ def write_artifacts(sweep, client, parent_id, trials, best, default, evaluation)
 
     from . import plots
 
-    written = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         score = evaluation["score"]
