@@ -58,6 +58,10 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     loader_workers: int = 0  # DataLoader processes per worker
     eval_batch_size: int = 256
+    skip_bad_samples: bool = False  # skip (and count) undecodable samples and unreadable shard tails instead of failing
+    # speed (GPU): bf16 autocast and channels-last memory format
+    precision: str = "fp32"  # fp32 | bf16 (autocast; on CPU too, where it is rarely faster)
+    channels_last: bool = False
     # evaluation and post-hoc choices (the tuner turns these on)
     evaluate_test: bool = True  # evaluate the test split after the last epoch (tuning trials: off)
     posthoc_search: bool = False  # try the method's post-hoc grid (ε, calibration) on val after training
@@ -94,6 +98,8 @@ class TrainConfig:
             bad("batch_size", f"must be divisible by num_workers={self.num_workers} (it is the global batch)")
         if self.optimizer not in ("sgd", "adamw"):
             bad("optimizer", "choose sgd or adamw")
+        if self.precision not in ("fp32", "bf16"):
+            bad("precision", "choose fp32 or bf16")
         if self.schedule not in ("cosine", "step", "none"):
             bad("schedule", "choose cosine, step or none")
         if not self.lr > 0:
