@@ -23,6 +23,19 @@ class TrackingError(RuntimeError):
     """The MLflow store cannot be used; the message names the URI."""
 
 
+def is_unreachable(e: BaseException) -> bool:
+    """Whether ``e`` says the tracking store did not answer (rather than a bug or a bad request)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout | ConnectionError | TimeoutError):
+        return True
+    if isinstance(e, MlflowException):
+        text = str(e)
+        return any(s in text for s in ("Max retries exceeded", "Connection refused", "ConnectionError", "timed out", "API request to", "database is locked", "unable to open database"))
+    return False
+
+
 def check_tracking(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, naming the URI, when the tracking store cannot be reached or created."""
     parsed = urlparse(uri)

@@ -9,10 +9,12 @@ last epoch the driver logs the final model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -28,8 +30,14 @@ from ray.train.torch import TorchTrainer
 
 from .config import ConfigError, TrainConfig
 from .data.default import ensure_default
-from .data.manifest import Benchmark
-from .data.streams import batches_per_epoch, outlier_batches, train_batches
+from .data.manifest import Benchmark, DataError
+from .data.streams import (
+    batches_per_epoch,
+    outlier_batches,
+    set_skip_bad_samples,
+    take_skipped,
+    train_batches,
+)
 from .evaluate import collect, evaluate_split, gather, normalize, scoring_mode, unwrap
 from .methods import Method, get_method
 from .models import Classifier, build_backbone
@@ -199,43 +207,154 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
+class RayWorker:
+    """The loop's view of a Ray Train worker: rank, world, device, checkpoints and reports."""
+
+    def __init__(self):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP when world > 1
+
+    @contextlib.contextmanager
+    def resume_from(self):
+        """The latest checkpoint folder of this run (after a restart), or None."""
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None, None
+            return
+        with ckpt.as_directory() as d:
+            yield d, ckpt.path
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class LocalWorker:
+    """The same loop in this process, without Ray: world 1, checkpoints under ``root``.
+
+    For benchmarks (``bench/tune_overhead.py`` runs trials through plain Optuna with it) and for
+    tests that need a single-process reference run.
+    """
+
+    def __init__(self, root: str | Path, device: str | torch.device = "cpu"):
+        self.rank, self.world, self.device = 0, 1, torch.device(device)
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.reports: list[dict] = []
+        self.checkpoint: str | None = None
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    @contextlib.contextmanager
+    def resume_from(self):
+        yield self.checkpoint, self.checkpoint
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        if checkpoint_dir:
+            dest = self.root / f"checkpoint_{len(self.reports):06d}"
+            shutil.copytree(checkpoint_dir, dest)
+            self.checkpoint = str(dest)
+            metrics = {**metrics, "checkpoint_path": self.checkpoint}
+        self.reports.append(metrics)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    cfg = TrainConfig.from_dict(config)
     quiet_report_log()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    spec = config.get("benchmark")
+    train_loop(TrainConfig.from_dict(config["cfg"]), RayWorker(), Benchmark.from_spec(spec) if spec else None)
+
+
+def train_local(cfg: TrainConfig, root: str | Path, device: str = "cpu") -> list[dict]:
+    """Train ``cfg`` in this process with one worker and no Ray; returns every epoch's metrics."""
+    worker = LocalWorker(root, device)
+    train_loop(cfg.validate(), worker)
+    return worker.reports
+
+
+def process_rss_mb() -> float:
+    """Resident memory of this process and its children (DataLoader workers), in MiB."""
+    import psutil
+
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += child.memory_info().rss
+    return total / 2**20
+
+
+def batches_in_step(batches, world: int, device, enabled: bool):
+    """With ``skip_bad_samples`` a rank may run out of batches early: stop every rank together.
+
+    Each step the ranks agree (one tiny all-reduce) whether all of them still have a batch, so DDP
+    never waits for a rank that has finished. Without skipping every rank has the same planned count.
+    """
+    if not enabled or world == 1 or not dist.is_initialized():
+        yield from batches
+        return
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        flag = torch.tensor([0 if batch is None else 1], device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if int(flag.item()) == 0:
+            return
+        yield batch
+
+
+def skipped_metrics(bench: Benchmark, world: int) -> dict:
+    """Samples skipped since the last call, summed over ranks: total and per set (when any)."""
+    names = sorted({m.name for m in bench.all_manifests()})
+    counts = take_skipped()
+    summed = all_reduce_mean([float(counts.get(n, 0)) for n in names], world)
+    per_set = {n: round(v * world) for n, v in zip(names, summed, strict=True)}
+    return {"skipped_samples": sum(per_set.values()), **{f"skipped_{n}": v for n, v in per_set.items() if v}}
+
+
+def train_loop(cfg: TrainConfig, worker, bench: Benchmark | None = None) -> None:
+    """The training loop of one worker (``RayWorker`` on Ray Train, ``LocalWorker`` in-process)."""
+    rank, world, device = worker.rank, worker.world, worker.device
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    bench = load_benchmark(cfg)
+    set_skip_bad_samples(cfg.skip_bad_samples)
+    if bench is None or cfg.data is None:  # the embedded data is built on every node that needs it
+        bench = load_benchmark(cfg)
     method = get_method(cfg.method, cfg.method_params)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, method, bench)
     if cfg.init_checkpoint:
         init_weights(model, cfg.init_checkpoint)
-    model = ray.train.torch.prepare_model(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = worker.prepare(model)
     opt = make_optimizer(cfg, model)
     bs = cfg.per_worker_batch
     steps = [batches_per_epoch(bench.train, world, bs, e, cfg.seed) for e in range(cfg.epochs)]
     sched = make_scheduler(cfg, opt, sum(steps))
     state, start = method.initial_state(), 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
+    with worker.resume_from() as (d, ckpt_path):
+        if d is not None:
             saved = load_state(d)
-        unwrap(model).load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        state, start = saved["method_state"], saved["epoch"] + 1
-        if start >= cfg.epochs:  # finished before an interruption: report the final result again
-            with ckpt.as_directory() as d:
+            unwrap(model).load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            state, start = saved["method_state"], saved["epoch"] + 1
+            if start >= cfg.epochs:  # finished before an interruption: report the final result again
                 final = json.loads(Path(d, METRICS_FILE).read_text())
-            # no new checkpoint: the path is passed as Tune's TuneReportCallback would pass it
-            ray.train.report({**final, "checkpoint_path": ckpt.path})
-            return
-        if rank == 0:
-            say(f"resuming after the checkpoint of epoch {start}")
+    if start >= cfg.epochs:
+        # no new checkpoint: the path is passed as Tune's TuneReportCallback would pass it
+        worker.report({**final, "checkpoint_path": ckpt_path}, None)
+        return
+    if start and rank == 0:
+        say(f"resuming after the checkpoint of epoch {start}")
     meta = model_meta(cfg, bench)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     outliers = None
     if method.needs_outliers:
         ratio = method.params.get("outlier_ratio", 1)
@@ -246,10 +365,12 @@ def train_loop_per_worker(config: dict) -> None:
         model.train()
         loss_sum, n, logs_sum = 0.0, 0, {}
         batches = train_batches(bench.train, rank, world, bs, epoch, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, augment_pad=cfg.augment_pad, hflip=cfg.hflip, loader_workers=cfg.loader_workers)
-        for x, y, _ in batches:
-            x, y = normalize(x, device), y.to(device, non_blocking=True)
-            x_out = normalize(next(outliers)[0], device) if outliers is not None else None
-            res = method.training_step(model, x, y, x_out, state)
+        for x, y, _ in batches_in_step(batches, world, device, cfg.skip_bad_samples):
+            x = normalize(x, device).contiguous(memory_format=memory_format)
+            y = y.to(device, non_blocking=True)
+            x_out = normalize(next(outliers)[0], device).contiguous(memory_format=memory_format) if outliers is not None else None
+            with autocast:
+                res = method.training_step(model, x, y, x_out, state)
             opt.zero_grad(set_to_none=True)
             res.loss.backward()
             opt.step()
@@ -263,6 +384,8 @@ def train_loop_per_worker(config: dict) -> None:
                 logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
         train_time = time.perf_counter() - t0
         keys = sorted(logs_sum)
+        if n == 0:  # the same on every rank: they stop together
+            raise DataError(f"{bench.train.path}: epoch {epoch + 1} has no full training batch left after skipping bad samples ({take_skipped()})")
         reduced = all_reduce_mean([loss_sum / n] + [logs_sum[k] / n for k in keys], world)
         metrics = {
             "epoch": epoch + 1,
@@ -272,8 +395,16 @@ def train_loop_per_worker(config: dict) -> None:
             "train_time_s": train_time,
             "train_images": n * bs * world,
             "start_epoch": start,  # > 0 after resuming from a checkpoint
+            "worker_rss_mb": process_rss_mb(),  # rank 0's process and its loader workers
         }
+        metrics.update(skipped_metrics(bench, world))
         metrics.update({f"state_{k}": float(v) for k, v in state.items() if isinstance(v, int | float)})
+        if not math.isfinite(metrics["train_loss"]):  # the same on every rank (all-reduced)
+            reason = f"training diverged: the mean train loss of epoch {epoch + 1} is {metrics['train_loss']} (lr {cfg.lr:g}); lower the learning rate"
+            if rank == 0:
+                say(reason)
+            worker.report({**metrics, "diverged": reason}, None)  # no checkpoint of a broken model
+            return
         t1 = time.perf_counter()
         sync_buffers(model, world)
         last = epoch + 1 == cfg.epochs
@@ -287,20 +418,22 @@ def train_loop_per_worker(config: dict) -> None:
         if last and cfg.evaluate_test:
             metrics.update(evaluate_split(model, method, bench, "test", rank, world, device, cfg.eval_batch_size))
         metrics["eval_time_s"] = time.perf_counter() - t1
+        eval_skips = skipped_metrics(bench, world)
+        metrics["skipped_samples"] += eval_skips.pop("skipped_samples")
+        metrics.update({k: metrics.get(k, 0) + v for k, v in eval_skips.items()})
         if rank == 0:
             say(
                 f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"val_acc {metrics['val_acc']:.4f}  val_auroc {metrics.get('val_auroc', float('nan')):.4f}  "
                 f"val_fpr95 {metrics.get('val_fpr95', float('nan')):.4f}  "
                 f"({train_time:.1f}s train, {metrics['eval_time_s']:.1f}s eval)"
+                + (f"  skipped {metrics['skipped_samples']} bad samples" if metrics["skipped_samples"] else "")
             )
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
             if rank == 0:
                 save_checkpoint(tmp, model, opt, sched, epoch, state, cfg, meta)
                 Path(tmp, METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=float) + "\n")
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            worker.report(metrics, tmp if rank == 0 else None)
 
 
 class ExportedModel(torch.nn.Module):
@@ -313,6 +446,10 @@ class ExportedModel(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.flat_output(self.model(x))
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message says in which epoch and what to change."""
 
 
 @dataclass
@@ -332,15 +469,21 @@ def model_from_checkpoint(directory: str) -> tuple[Classifier, dict, TrainConfig
     return load_model_dir(directory)
 
 
-def make_trainer(cfg: TrainConfig, name: str, callbacks: list, gpus_per_worker: float | None = None) -> TorchTrainer:
-    """The Ray Train run of ``cfg``; the same ``name`` and storage path resume its checkpoints."""
+def make_trainer(cfg: TrainConfig, name: str, callbacks: list, gpus_per_worker: float | None = None, bench: Benchmark | None = None) -> TorchTrainer:
+    """The Ray Train run of ``cfg``; the same ``name`` and storage path resume its checkpoints.
+
+    The benchmark travels in the workers' config (``Benchmark.to_spec``), so workers on other nodes
+    need the shards but not benchmark.json or the manifests.
+    """
+    if bench is None:
+        bench = load_benchmark(cfg)
     if gpus_per_worker is None:
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         gpus_per_worker = 1.0 if use_gpu else 0.0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker > 0 else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config={"cfg": cfg.to_dict(), "benchmark": bench.to_spec()},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
@@ -379,7 +522,9 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
         client.log_artifact(run_id, cfg.save(Path(tmp) / "config.json"))
     try:
         ensure_ray()
-        result = make_trainer(cfg, f"train-{run_id}", [tracking.EpochLogger(cfg.mlflow_uri, run_id)]).fit()
+        result = make_trainer(cfg, f"train-{run_id}", [tracking.EpochLogger(cfg.mlflow_uri, run_id)], bench=bench).fit()
+        if result.metrics.get("diverged"):
+            raise TrainingDiverged(result.metrics["diverged"])
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
         client.set_tag(run_id, "ood_ray.checkpoint", result.checkpoint.path)

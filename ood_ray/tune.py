@@ -170,6 +170,8 @@ class SweepSearch(OptunaSearch):
         if self._finished_in_study(trial_id):
             self._completed_trials.add(trial_id)
             return
+        if result and result.get("diverged"):  # a NaN/inf loss: FAIL in the study, not PRUNED
+            result, error = None, True
         super().on_trial_complete(trial_id, result, error)
 
 
@@ -209,11 +211,14 @@ def run_trial(config: dict) -> None:
     """Tune trainable: one Ray Train run; its reports reach Tune through TuneReportCallback."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from .data.manifest import Benchmark
     from .train import make_trainer
 
     cfg = trial_config(config)
     trial_id = tune.get_context().get_trial_id()
-    trainer = make_trainer(cfg, f"{config['sweep_name']}-{trial_id}", [TuneReportCallback()], gpus_per_worker=config["gpus_per_worker"])
+    spec = config.get("benchmark")  # read by the sweep's driver: no benchmark.json needed on this node
+    bench = Benchmark.from_spec(spec) if spec else None
+    trainer = make_trainer(cfg, f"{config['sweep_name']}-{trial_id}", [TuneReportCallback()], gpus_per_worker=config["gpus_per_worker"], bench=bench)
     trainer.fit()
 
 
@@ -221,18 +226,28 @@ def run_trial(config: dict) -> None:
 # MLflow record (a Tune callback: runs in this driver process)
 # ---------------------------------------------------------------------------
 class SweepRecorder(tune.Callback):
-    """One child MLflow run per trial under the sweep's parent run; resume-safe.
+    """One child MLflow run per trial under the sweep's parent run; resume-safe, outage-tolerant.
 
-    A trial's run is found again by its trial id after ``--resume``, and epochs already logged are
-    not logged twice, so an interrupted and resumed trial shows one continuous history.
+    Tune's results are kept here until MLflow has them: a trial's run is found again by its trial
+    id (after ``--resume`` too), only epochs not yet logged are logged, so a trial that was
+    interrupted and resumed shows one continuous history. When MLflow does not answer, training
+    goes on; the recorder retries every ``retry_after_s`` seconds and logs everything it missed once
+    the server answers again. ``backfill`` replays what Tune stored on disk (after a resume, or to
+    catch up at the end of the sweep).
     """
+
+    retry_after_s = 30.0
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep_name: str, epochs: int, num_trials: int):
         self.uri, self.experiment_id, self.parent = uri, experiment_id, parent_run_id
         self.sweep_name, self.epochs, self.num_trials = sweep_name, epochs, num_trials
-        self.runs: dict[str, str] = {}
-        self.logged: dict[str, int] = {}
+        self.runs: dict[str, str] = {}  # trial id -> MLflow run id
+        self.logged: dict[str, int] = {}  # trial id -> last epoch MLflow has
+        self.configs: dict[str, dict] = {}  # trial id -> Tune config (to create its run)
+        self.pending: dict[str, dict[int, dict]] = {}  # trial id -> epoch -> metrics not yet logged
+        self.ends: dict[str, tuple[str, str]] = {}  # trial id -> (status, outcome) not yet written
         self.client = MlflowClient(uri)
+        self.down_since: float | None = None
         self.failed_writes = 0
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment state
@@ -244,16 +259,116 @@ class SweepRecorder(tune.Callback):
         self.__dict__.update(d)
         self.client = MlflowClient(self.uri)
 
-    def _safely(self, what: str, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - a tracking outage must not stop the training
-            self.failed_writes += 1
-            warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); results stay in Ray's storage", stacklevel=2)
-            return None
+    # --- what Tune tells us -------------------------------------------------------------------
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.configs[trial.trial_id] = trial.config
+        self.sync()
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        say(f"trial {trial.trial_id} started ({done}/{self.num_trials} done); MLflow run {self.runs.get(trial.trial_id, '(not created yet)')}")
 
-    def run_of(self, trial) -> str | None:
-        tid = trial.trial_id
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        tid, epoch = trial.trial_id, int(result.get("epoch", 0))
+        self.configs[tid] = trial.config
+        if epoch > self.logged.get(tid, 0):
+            metrics = {k: v for k, v in result.items() if self.is_metric(k)}
+            if "checkpoint_path" in result:
+                metrics["ood_ray.checkpoint"] = result["checkpoint_path"]
+            self.pending.setdefault(tid, {})[epoch] = metrics
+        self.sync()
+        if result.get("diverged"):
+            say(f"trial {tid}: {result['diverged']}")
+        else:
+            say(f"trial {tid} epoch {epoch}/{self.epochs}: objective {result.get('objective', math.nan):.4f}  val_acc {result.get('val_acc', math.nan):.4f}  val_auroc {result.get('val_auroc', math.nan):.4f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.configs[trial.trial_id] = trial.config
+        status, note = end_of(trial.last_result or {}, self.epochs)
+        self.ends[trial.trial_id] = (status, note)
+        self.sync()
+        say(f"trial {trial.trial_id} {note}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.configs[trial.trial_id] = trial.config
+        error = trial_error(trial)
+        self.ends[trial.trial_id] = ("FAILED", f"failed: {error}"[:5000])
+        self.sync()
+        say(f"trial {trial.trial_id} FAILED: {error[:500]}")
+
+    def backfill(self, grid) -> None:
+        """Queue everything Tune stored for the trials of ``grid`` that MLflow may not have yet."""
+        for result in grid:
+            tid = trial_id_of(result)
+            if result.config:
+                self.configs.setdefault(tid, result.config)
+            df = result.metrics_dataframe
+            rows = df.to_dict("records") if df is not None else []
+            for row in rows:
+                epoch = int(row.get("epoch", 0) or 0) if row.get("epoch") == row.get("epoch") else 0
+                if epoch <= 0:
+                    continue
+                metrics = {k: v for k, v in row.items() if self.is_metric(k) and isinstance(v, int | float) and math.isfinite(v)}
+                if isinstance(row.get("checkpoint_path"), str):
+                    metrics["ood_ray.checkpoint"] = row["checkpoint_path"]
+                self.pending.setdefault(tid, {})[epoch] = metrics
+            m = result.metrics or {}
+            if result.error:
+                self.ends.setdefault(tid, ("FAILED", f"failed: {str(result.error).strip().splitlines()[-1] if str(result.error).strip() else 'error'}"[:5000]))
+            else:
+                self.ends.setdefault(tid, end_of(m, self.epochs))
+
+    # --- writing to MLflow --------------------------------------------------------------------
+    @staticmethod
+    def is_metric(key: str) -> bool:
+        return key.startswith(("val_", "train_", "state_", "chosen_", "skipped_")) or key in METRIC_KEYS
+
+    @property
+    def unlogged(self) -> int:
+        """Records (epochs and run endings) MLflow does not have yet."""
+        return sum(len(v) for v in self.pending.values()) + len(self.ends)
+
+    def sync(self, force: bool = False) -> bool:
+        """Write everything pending; False (with a warning the first time) while MLflow is down."""
+        if not force and self.down_since is not None and time.monotonic() - self.down_since < self.retry_after_s:
+            return False
+        try:
+            for tid in sorted(set(self.pending) | set(self.ends)):
+                self._sync_trial(tid)
+        except Exception as e:  # noqa: BLE001 - an MLflow outage must not stop the training
+            self.failed_writes += 1
+            if self.down_since is None:
+                warnings.warn(
+                    f"MLflow at {self.uri} failed ({type(e).__name__}: {str(e)[:300]}); training goes on, results stay in Ray's "
+                    f"storage and are logged when MLflow answers again (retrying every {self.retry_after_s:.0f} s)",
+                    stacklevel=2,
+                )
+            self.down_since = time.monotonic()
+            return False
+        if self.down_since is not None:
+            say("MLflow answers again; the records it missed are logged")
+        self.down_since = None
+        return True
+
+    def _sync_trial(self, tid: str) -> None:
+        run_id = self.run_of(tid)
+        if run_id is None:
+            return
+        for epoch in sorted(self.pending.get(tid, {})):
+            metrics = self.pending[tid][epoch]
+            if epoch > self.logged.get(tid, 0):
+                tracking.log_metrics(self.client, run_id, metrics, epoch)
+                if "ood_ray.checkpoint" in metrics:
+                    self.client.set_tag(run_id, "ood_ray.checkpoint", metrics["ood_ray.checkpoint"])
+                self.logged[tid] = epoch
+            del self.pending[tid][epoch]
+        self.pending.pop(tid, None)
+        if tid in self.ends:
+            status, note = self.ends[tid]
+            if self.client.get_run(run_id).info.status != status:
+                self.client.set_tag(run_id, "ood_ray.outcome", note)
+                self.client.set_terminated(run_id, status)
+            del self.ends[tid]
+
+    def run_of(self, tid: str) -> str | None:
         if tid in self.runs:
             return self.runs[tid]
         found = self.client.search_runs(
@@ -263,9 +378,10 @@ class SweepRecorder(tune.Callback):
             run_id = found[0].info.run_id
             hist = self.client.get_metric_history(run_id, "epoch")
             self.logged[tid] = int(max((m.step for m in hist), default=0))
-            self.client.update_run(run_id, status="RUNNING")
-        else:
-            cfg = trial_config(trial.config)
+            if found[0].info.status != "RUNNING" and tid not in self.ends:
+                self.client.update_run(run_id, status="RUNNING")
+        elif tid in self.configs:
+            cfg = trial_config(self.configs[tid])
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=f"{self.sweep_name}-{tid}",
@@ -274,52 +390,28 @@ class SweepRecorder(tune.Callback):
             run_id = run.info.run_id
             self.client.log_batch(run_id, params=tracking.params_of(cfg.to_dict()))
             self.logged[tid] = 0
+        else:
+            return None
         self.runs[tid] = run_id
         return run_id
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        run_id = self._safely("create run", self.run_of, trial)
-        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        say(f"trial {trial.trial_id} started ({done}/{self.num_trials} done); MLflow run {run_id}")
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        epoch = int(result.get("epoch", 0))
-        tid = trial.trial_id
-        run_id = self._safely("create run", self.run_of, trial)
-        if run_id is None or epoch <= self.logged.get(tid, 0):
-            return
-        metrics = {k: v for k, v in result.items() if k.startswith(("val_", "train_", "state_", "chosen_")) or k in METRIC_KEYS}
-        if self._safely("log metrics", lambda: tracking.log_metrics(self.client, run_id, metrics, epoch) or True):
-            self.logged[tid] = epoch
-        if "checkpoint_path" in result:
-            self._safely("tag", self.client.set_tag, run_id, "ood_ray.checkpoint", result["checkpoint_path"])
-        say(f"trial {tid} epoch {epoch}/{self.epochs}: objective {result.get('objective', math.nan):.4f}  val_acc {result.get('val_acc', math.nan):.4f}  val_auroc {result.get('val_auroc', math.nan):.4f}")
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._safely("create run", self.run_of, trial)
-        if run_id is None:
-            return
-        epoch = int((trial.last_result or {}).get("epoch", 0))
-        if epoch < self.epochs:
-            note = f"stopped early by ASHA after epoch {epoch} of {self.epochs}"
-            self._safely("tag", self.client.set_tag, run_id, "ood_ray.outcome", note)
-            self._safely("end run", self.client.set_terminated, run_id, "KILLED")
-            say(f"trial {trial.trial_id} {note}")
-        else:
-            self._safely("tag", self.client.set_tag, run_id, "ood_ray.outcome", "completed")
-            self._safely("end run", self.client.set_terminated, run_id, "FINISHED")
-            say(f"trial {trial.trial_id} completed: objective {trial.last_result.get('objective', math.nan):.4f}")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._safely("create run", self.run_of, trial)
-        error = trial_error(trial)
-        if run_id is not None:
-            self._safely("tag", self.client.set_tag, run_id, "ood_ray.outcome", f"failed: {error}"[:5000])
-            self._safely("end run", self.client.set_terminated, run_id, "FAILED")
-        say(f"trial {trial.trial_id} FAILED: {error[:500]}")
+METRIC_KEYS = ("objective", "epoch", "lr", "eval_time_s", "start_epoch", "posthoc_candidates", "temperature", "worker_rss_mb")
 
 
-METRIC_KEYS = ("objective", "epoch", "lr", "eval_time_s", "start_epoch", "posthoc_candidates", "temperature")
+def end_of(last: dict, epochs: int) -> tuple[str, str]:
+    """MLflow status and outcome of a trial that Tune ended without an error."""
+    epoch = int(last.get("epoch", 0) or 0)
+    if last.get("diverged"):
+        return "FAILED", f"failed: {last['diverged']}"
+    if epoch < epochs:
+        return "KILLED", f"stopped early by ASHA after epoch {epoch} of {epochs}"
+    return "FINISHED", "completed"
+
+
+def trial_id_of(result) -> str:
+    tid = (result.metrics or {}).get("trial_id")
+    return tid or Path(result.path).name.removeprefix("trial_")
 
 
 def trial_error(trial) -> str:
@@ -473,7 +565,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         else:
             tuner = tune.Tuner(
                 trainable,
-                param_space={"base": base.to_dict(), "sweep_name": name, "gpus_per_worker": gpus},
+                param_space={"base": base.to_dict(), "sweep_name": name, "gpus_per_worker": gpus, "benchmark": bench.to_spec()},
                 tune_config=tune.TuneConfig(
                     num_samples=sweep.num_trials, search_alg=searcher, scheduler=scheduler, max_concurrent_trials=concurrency, trial_dirname_creator=trial_dirname
                 ),
@@ -486,11 +578,28 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
                 ),
             )
         grid = tuner.fit()
-        close_orphans(sweep, client, parent_id, {r.metrics.get("trial_id") for r in grid if r.metrics})
-        outcome = finish_sweep(sweep, grid, client, parent_id, exp_path, multi, gpus, t0)
+        relog_hint = (
+            f"The sweep's trials are complete in {exp_path}. When MLflow answers again, run the same command with "
+            f"--resume --name {name}: nothing is trained again, the missing records are logged and the best model is registered."
+        )
+        # catch up from what Tune stored: records missed during an MLflow outage, or before a resume
+        catch_up = SweepRecorder(base.mlflow_uri, exp_id, parent_id, name, base.epochs, sweep.num_trials)
+        catch_up.backfill(grid)
+        if not catch_up.sync(force=True):
+            raise tracking.TrackingError(f"MLflow at {base.mlflow_uri} does not answer; {catch_up.unlogged} records are not logged. {relog_hint}")
+        close_orphans(sweep, client, parent_id, {trial_id_of(r) for r in grid})
+        try:
+            outcome = finish_sweep(sweep, grid, client, parent_id, exp_path, multi, gpus, t0)
+        except Exception as e:
+            if tracking.is_unreachable(e):
+                raise tracking.TrackingError(f"MLflow at {base.mlflow_uri} failed while recording the result ({type(e).__name__}: {str(e)[:300]}). {relog_hint}") from e
+            raise
     except BaseException as e:
-        client.set_tag(parent_id, "ood_ray.error", f"{type(e).__name__}: {e}"[:5000])
-        client.set_terminated(parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        try:
+            client.set_tag(parent_id, "ood_ray.error", f"{type(e).__name__}: {e}"[:5000])
+            client.set_terminated(parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        except Exception as also:  # noqa: BLE001 - MLflow itself may be what failed; keep the first error
+            warnings.warn(f"could not mark the MLflow parent run {parent_id} as failed ({type(also).__name__})", stacklevel=2)
         raise
     return outcome
 
@@ -518,9 +627,13 @@ def close_orphans(sweep: SweepConfig, client: MlflowClient, parent_id: str, know
 def summarize(result) -> dict:
     m = dict(result.metrics or {})
     cfg = trial_config(result.config) if result.config else None
+    if result.error or m.get("diverged"):
+        status = "error"
+    else:
+        status = "completed" if cfg and m.get("epoch") == cfg.epochs else "stopped early"
     return {
-        "trial_id": m.get("trial_id") or Path(result.path).name,
-        "status": "error" if result.error else ("completed" if cfg and m.get("epoch") == cfg.epochs else "stopped early"),
+        "trial_id": trial_id_of(result),
+        "status": status,
         "epochs": int(m.get("epoch", 0) or 0),
         "objective": m.get("objective"),
         "val_acc": m.get("val_acc"),
@@ -528,7 +641,7 @@ def summarize(result) -> dict:
         "checkpoint": m.get("checkpoint_path"),
         "config": cfg.to_dict() if cfg else None,
         "metrics": {k: v for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)},
-        "error": str(result.error)[:2000] if result.error else None,
+        "error": str(result.error)[:2000] if result.error else m.get("diverged"),
     }
 
 

@@ -233,6 +233,41 @@ class Benchmark:
     def num_classes(self) -> int:
         return self.train.num_classes
 
+    def to_spec(self) -> dict:
+        """Everything needed to read this benchmark, as plain data: workers on other nodes get it in
+        their config and never read benchmark.json or the manifests themselves (only the shards)."""
+        def one(m: Manifest) -> dict:
+            return {**m.to_dict(), "path": m.path}
+
+        return {
+            "name": self.name,
+            "path": self.path,
+            "train": one(self.train),
+            "val": one(self.val),
+            "test": one(self.test),
+            "outlier": one(self.outlier) if self.outlier is not None else None,
+            "ood_val": {k: one(m) for k, m in self.ood_val.items()},
+            "ood_test": {k: one(m) for k, m in self.ood_test.items()},
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> Benchmark:
+        def one(d: dict) -> Manifest:
+            d = dict(d)
+            path = d.pop("path", None)
+            return Manifest.from_dict(d, path=path)
+
+        return cls(
+            name=spec["name"],
+            train=one(spec["train"]),
+            val=one(spec["val"]),
+            test=one(spec["test"]),
+            outlier=one(spec["outlier"]) if spec.get("outlier") else None,
+            ood_val={k: one(d) for k, d in spec.get("ood_val", {}).items()},
+            ood_test={k: one(d) for k, d in spec.get("ood_test", {}).items()},
+            path=spec.get("path"),
+        )
+
     @classmethod
     def load(cls, path: str | Path, verify: bool = False) -> Benchmark:
         path, d = read_json(path, "benchmark.json", "benchmark spec")

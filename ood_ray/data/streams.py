@@ -16,6 +16,13 @@ Within a rank, samples pass a seeded shuffle buffer, are decoded and checked aga
 (image present, size and mode, label in range), augmented, and grouped into uint8 batches. With
 ``loader_workers > 0`` decoding runs in DataLoader worker processes, which split the rank's shards.
 
+Bad data fails fast by default: a ``DataError`` names the shard URL and the sample key. With
+``set_skip_bad_samples(True)`` (the ``skip_bad_samples`` config key) an undecodable or mislabelled
+sample is skipped, and an unreadable shard (corrupt, truncated, shorter than its manifest) is read up
+to the damage and its missing samples are skipped; every skip is logged with its reason and counted
+per set (``take_skipped``). A rank then may run out of batches before the planned count; the training
+loop stops the epoch on every rank when the first one does (see ``ood_ray.train``).
+
 Outlier streams repeat the rank's share forever (pass 0, 1, ...), reshuffled on every pass, so
 ranks never share an outlier image. Evaluation streams use
 the same split without shuffling and without dropping anything (ranks may differ by one batch).
@@ -24,6 +31,7 @@ the same split without shuffling and without dropping anything (ranks may differ
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +45,23 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .manifest import OOD_LABEL, DataError, Manifest
 
 CHUNK = 32  # samples per message from a DataLoader worker to the training process
+LOG_SKIPS = 20  # skipped samples logged one by one per stream; later ones are only counted
+
+log = logging.getLogger("ood_ray.data")
+_policy = {"skip_bad_samples": False}
+_skipped: dict[str, int] = {}
+
+
+def set_skip_bad_samples(enabled: bool) -> None:
+    """Process-wide: skip and count bad samples (True) or fail on the first one (False, default)."""
+    _policy["skip_bad_samples"] = bool(enabled)
+
+
+def take_skipped() -> dict[str, int]:
+    """Samples skipped per set name since the last call (this process and its loader workers)."""
+    out = dict(_skipped)
+    _skipped.clear()
+    return out
 
 
 @dataclass(frozen=True)
@@ -208,20 +233,50 @@ class RankShards(IterableDataset):
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         self.augment_pad, self.hflip = augment_pad, hflip
         self.repeat, self.chunk = repeat, chunk
+        self.skip_bad = _policy["skip_bad_samples"]  # travels with the dataset into loader workers
+        self.skipped = self.logged_skips = 0
 
     def plan(self) -> list[ShardTask]:
         return plan_epoch(self.manifest, self.rank, self.world, self.epoch, self.seed, self.shuffle)
 
+    def _skip(self, n: int, why: str) -> None:
+        self.skipped += n
+        self.logged_skips += 1
+        if self.logged_skips <= LOG_SKIPS:
+            log.warning("skip_bad_samples: skipped %d sample(s) of %s: %s", n, self.manifest.name, why)
+        elif self.logged_skips == LOG_SKIPS + 1:
+            log.warning("skip_bad_samples: more skips in %s are counted but not logged", self.manifest.name)
+
+    def _read(self, tasks: list[ShardTask]) -> Iterator[dict]:
+        for t in tasks:
+            if not self.skip_bad:
+                yield from read_shard(t)
+                continue
+            kept = 0
+            try:
+                for sample in read_shard(t):
+                    kept += 1
+                    yield sample
+            except DataError as e:  # the rest of this shard is lost; count what the manifest promised
+                self._skip(max(t.kept() - kept, 0), str(e))
+
     def _samples(self, pass_: int, wid: int, nworkers: int) -> Iterator[tuple[np.ndarray, int, str]]:
+        """Decoded, augmented samples; with skipping on, bad ones are counted in ``skipped`` instead."""
         tasks = self.plan()[wid::nworkers]
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, wid, pass_, 11])
         if pass_ > 0:  # an endless stream keeps its shards and reorders them on every pass
             tasks = [tasks[i] for i in rng.permutation(len(tasks))]
-        raw = (s for t in tasks for s in read_shard(t))
+        raw = self._read(tasks)
         if self.shuffle:
             raw = shuffled(raw, self.shuffle_buffer, rng)
         for s in raw:
-            img, label, key = decode_sample(s, self.manifest)
+            try:
+                img, label, key = decode_sample(s, self.manifest)
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                self._skip(1, str(e))
+                continue
             if self.augment_pad or self.hflip:
                 img = augment(img, rng, self.augment_pad, self.hflip)
             yield img, label, key
@@ -230,16 +285,23 @@ class RankShards(IterableDataset):
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
         pass_ = 0
+        shape = (self.manifest.channels, *self.manifest.image_size)
         while True:
             produced = 0
-            for chunk in chunked(self._samples(pass_, wid, nworkers), self.chunk):
-                produced += len(chunk[1])
-                yield chunk
+            for imgs, labels, keys in chunked(self._samples(pass_, wid, nworkers), self.chunk):
+                produced += len(labels)
+                yield imgs, labels, keys, self._take()
+            if self.skipped:  # skips after the last full chunk still reach the counter
+                yield torch.empty((0, *shape), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), [], self._take()
             if not self.repeat:
                 return
             if not produced:
                 raise DataError(f"{self.manifest.path or self.manifest.name}: rank {self.rank} reader {wid} has no samples to repeat")
             pass_ += 1
+
+    def _take(self) -> int:
+        n, self.skipped = self.skipped, 0
+        return n
 
 
 def chunked(samples: Iterator, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
@@ -255,10 +317,16 @@ def chunked(samples: Iterator, size: int) -> Iterator[tuple[torch.Tensor, torch.
         yield torch.from_numpy(np.stack(imgs)), torch.tensor(labels, dtype=torch.int64), keys
 
 
-def rebatch(chunks, batch_size: int, n_batches: int | None, drop_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """Regroup chunks into batches of exactly ``batch_size``, stopping after ``n_batches``."""
+def rebatch(chunks, batch_size: int, n_batches: int | None, drop_last: bool, name: str = "?", skipping: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """Regroup chunks into batches of exactly ``batch_size``, stopping after ``n_batches``.
+
+    Chunks carry the number of samples their reader skipped; it is added to ``take_skipped()``'s
+    count of set ``name``. With ``skipping`` a short stream ends quietly instead of raising.
+    """
     xs, ys, ks, have, done = [], [], [], 0, 0
-    for x, y, k in chunks:
+    for x, y, k, skipped in chunks:
+        if skipped:
+            _skipped[name] = _skipped.get(name, 0) + int(skipped)
         xs.append(x)
         ys.append(y)
         ks.extend(k)
@@ -272,7 +340,7 @@ def rebatch(chunks, batch_size: int, n_batches: int | None, drop_last: bool) -> 
             xs, ys, ks, have = [X[batch_size:]], [Y[batch_size:]], ks[batch_size:], have - batch_size
     if have and not drop_last:
         yield torch.cat(xs), torch.cat(ys), ks
-    elif n_batches is not None and done < n_batches:
+    elif n_batches is not None and done < n_batches and not skipping:
         raise DataError(f"stream ended after {done} of {n_batches} batches (a shard is shorter than its manifest says)")
 
 
@@ -299,7 +367,7 @@ def train_batches(
     """Exactly ``batches_per_epoch(...)`` batches of this rank's share of ``epoch``."""
     n = batches_per_epoch(manifest, world, batch_size, epoch, seed)
     ds = RankShards(manifest, rank, world, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, augment_pad=augment_pad, hflip=hflip)
-    return rebatch(_loader(ds, loader_workers), batch_size, n, drop_last=True)
+    return rebatch(_loader(ds, loader_workers), batch_size, n, drop_last=True, name=manifest.name, skipping=ds.skip_bad)
 
 
 def outlier_batches(
@@ -320,11 +388,11 @@ def outlier_batches(
     if min(samples_per_rank(manifest, world, epoch, seed)) == 0:
         raise DataError(f"{manifest.path or manifest.name}: too few outlier samples for {world} workers")
     ds = RankShards(manifest, rank, world, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, augment_pad=augment_pad, hflip=hflip, repeat=True)
-    return rebatch(_loader(ds, loader_workers), batch_size, None, drop_last=True)
+    return rebatch(_loader(ds, loader_workers), batch_size, None, drop_last=True, name=manifest.name, skipping=ds.skip_bad)
 
 
 def eval_batches(manifest: Manifest, rank: int, world: int, batch_size: int, loader_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """This rank's share of a whole split, every sample exactly once over all ranks, in order."""
     ds = RankShards(manifest, rank, world, shuffle=False)
-    return rebatch(_loader(ds, loader_workers), batch_size, None, drop_last=False)
+    return rebatch(_loader(ds, loader_workers), batch_size, None, drop_last=False, name=manifest.name, skipping=ds.skip_bad)
 
