@@ -8,7 +8,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrackingError, TrainConfig
 from .data.manifest import GROUPS, ROLES, DataError
 
 
@@ -186,6 +186,32 @@ def cmd_shard(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(ns: argparse.Namespace) -> int:
+    import json
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from .serve import ModelLoadError, load_predictor, predict
+
+    try:
+        predictor = load_predictor(ns.model, ns.tracking_uri, delta=ns.delta)
+        rows = predict(predictor, ns.images)
+    except (ModelLoadError, FileNotFoundError, ValueError) as e:  # messages name the URI / file
+        print(f"ood-ray: error: {e}", file=sys.stderr)
+        return 2
+    for r in rows:
+        if ns.json:
+            print(json.dumps(r))
+            continue
+        parts = [r["image"], f"class={r['class_name']}", f"{r['score_name']}={r['score']:.4f}"]
+        if r["threshold_score"] != r["score_name"]:  # e.g. DisMax: score mmles, δ applies to mps
+            parts.append(f"{r['threshold_score']}={r['threshold_value']:.4f}")
+        parts.append("δ=off" if r["delta"] is None else f"δ={r['delta']:.4f}")
+        parts.append("UNKNOWN" if r["unknown"] else "known")
+        print("  ".join(parts))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ood-ray", description="Train and tune OOD detectors on Ray, tracked in MLflow.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -217,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--optuna-storage", help="Optuna RDB URL (default: sqlite under the storage path)")
     tu.set_defaults(fn=cmd_tune)
 
+    pr = sub.add_parser("predict", help="classify image files with a logged model; UNKNOWN when the OOD score is below δ")
+    pr.add_argument("--model", required=True, help="models:/<name>/<version>, models:/<name>@<alias>, runs:/<run_id>/model, or a local model / checkpoint folder")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG/JPEG/...), converted to the model's mode, never resized")
+    pr.add_argument("--tracking-uri", help="MLflow tracking (and registry) URI (default: $MLFLOW_TRACKING_URI or the project's sqlite store)")
+    pr.add_argument("--delta", type=float, help="threshold δ in [0, 1] instead of the model's own")
+    pr.add_argument("--json", action="store_true", help="one JSON object per line, with every prediction column")
+    pr.set_defaults(fn=cmd_predict)
+
     d = sub.add_parser("data", help="write and check WebDataset shards")
     dsub = d.add_subparsers(dest="data_command", required=True)
     b = dsub.add_parser("build-default", help="build the embedded digits-ood benchmark")
@@ -247,8 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .tracking import TrackingError
-
     ns = build_parser().parse_args(argv)
     try:
         return ns.fn(ns)

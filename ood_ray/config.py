@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """An invalid configuration value; the message names the field."""
 
 
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used; the message names the URI."""
+
+
 def results_dir() -> Path:
     """Where results go by default: ``$OOD_RAY_RESULTS`` or ``./ood-ray-results`` (made absolute)."""
     return Path(os.environ.get(RESULTS_ENV, "ood-ray-results")).expanduser().resolve()
@@ -87,6 +91,53 @@ class TrainConfig:
         def bad(name, why):
             raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
+        import math
+        import numbers
+        import types
+        import typing
+
+        def is_kind(value, hint) -> bool:
+            if typing.get_origin(hint) in (types.UnionType, typing.Union):
+                return any(is_kind(value, a) for a in typing.get_args(hint))
+            if hint is type(None):
+                return value is None
+            if hint is bool:
+                return isinstance(value, bool)
+            if hint is int:
+                return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if hint is float:
+                return isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if hint is str:
+                return isinstance(value, str)
+            if typing.get_origin(hint) is list:
+                return isinstance(value, list | tuple) and all(is_kind(v, typing.get_args(hint)[0]) for v in value)
+            if hint is dict or typing.get_origin(hint) is dict:
+                return isinstance(value, dict)
+            return True
+
+        def describe(hint) -> str:
+            if typing.get_origin(hint) in (types.UnionType, typing.Union):
+                return " or ".join(describe(a) for a in typing.get_args(hint))
+            if typing.get_origin(hint) is list:
+                return f"a list of {describe(typing.get_args(hint)[0])[2:]}s"
+            words = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+            return words.get(hint, getattr(hint, "__name__", str(hint)))
+
+        # types first (from YAML/JSON anything can arrive), then finite numbers, then the ranges
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not is_kind(value, hints[f.name]):
+                bad(f.name, f"must be {describe(hints[f.name])}")
+            if isinstance(value, numbers.Integral) and not isinstance(value, int | bool):
+                setattr(self, f.name, int(value))  # numpy integers
+            elif isinstance(value, tuple):
+                setattr(self, f.name, list(value))
+            elif isinstance(value, str) and "\x00" in value:
+                bad(f.name, "must not contain NUL characters")
+            nums = value if isinstance(value, list | tuple) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in nums):
+                bad(f.name, "must be finite")
         if self.method not in METHODS:
             bad("method", f"unknown method; choose one of: {', '.join(sorted(METHODS))}")
         if self.backbone not in BACKBONES:
@@ -108,8 +159,15 @@ class TrainConfig:
             bad("weight_decay", "must be >= 0")
         if not all(0 < m < 1 for m in self.step_milestones):
             bad("step_milestones", "fractions of training strictly between 0 and 1")
-        if self.augment_pad < 0 or self.loader_workers < 0 or self.max_failures < 0:
-            bad("augment_pad" if self.augment_pad < 0 else "loader_workers" if self.loader_workers < 0 else "max_failures", "must be >= 0")
+        for name in ("augment_pad", "loader_workers", "max_failures", "shuffle_buffer", "seed", "data_seed"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        if not 0.0 <= self.momentum < 1.0:
+            bad("momentum", "must lie in [0, 1)")
+        if not self.step_gamma > 0:
+            bad("step_gamma", "must be > 0")
+        if not self.experiment.strip():
+            bad("experiment", "must be a non-empty name")
         from .objective import OBJECTIVES
 
         if self.objective not in OBJECTIVES:
@@ -120,21 +178,38 @@ class TrainConfig:
             bad("delta_tpr", "a fraction of val ID to accept, strictly between 0 and 1 (e.g. 0.95)")
         if not self.cpus_per_worker > 0:
             bad("cpus_per_worker", "must be > 0 (fractions such as 0.5 are fine)")
+        method = METHODS[self.method]
         try:
-            METHODS[self.method].check_params(self.method_params)
+            method.check_params(self.method_params)
         except ValueError as e:
             raise ConfigError(f"method_params={self.method_params!r}: {e}") from None
+        if method.needs_outliers:  # the outlier batch is int(outlier_ratio x per-worker batch)
+            ratio = {**method.defaults, **self.method_params}.get("outlier_ratio", 1)
+            if int(ratio * self.per_worker_batch) < 1:
+                bad("method_params", f"outlier_ratio={ratio!r} x per-worker batch {self.per_worker_batch} gives no outlier images per step")
+
+        def absolute(name):
+            try:
+                return str(Path(getattr(self, name)).expanduser().resolve())
+            except (OSError, RuntimeError, ValueError) as e:
+                bad(name, f"not a usable path ({type(e).__name__}: {e})")
+
         if self.data is not None:
-            self.data = str(Path(self.data).expanduser().resolve())
+            self.data = absolute("data")
         if self.init_checkpoint is not None:
-            self.init_checkpoint = str(Path(self.init_checkpoint).expanduser().resolve())
+            self.init_checkpoint = absolute("init_checkpoint")
             if not (Path(self.init_checkpoint) / "state.pt").exists():
                 bad("init_checkpoint", "not a checkpoint folder (no state.pt in it)")
         if not self.storage_path:
             self.storage_path = str(results_dir() / "ray")
         elif "://" not in self.storage_path:  # s3://, gs://... pass through untouched
-            self.storage_path = str(Path(self.storage_path).expanduser().resolve())
-        self.mlflow_uri = normalize_tracking_uri(self.mlflow_uri or default_tracking_uri())
+            self.storage_path = absolute("storage_path")
+        try:
+            self.mlflow_uri = normalize_tracking_uri(self.mlflow_uri or default_tracking_uri())
+        except ConfigError:
+            raise
+        except (OSError, RuntimeError, ValueError) as e:
+            bad("mlflow_uri", f"not a usable tracking URI ({type(e).__name__}: {e})")
         return self
 
     @property

@@ -16,11 +16,11 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
+from .config import TrackingError  # noqa: F401 - raised here, defined light for the CLI
+
 MAX_PARAM_LEN = 6000
 
 
-class TrackingError(RuntimeError):
-    """The MLflow store cannot be used; the message names the URI."""
 
 
 def is_unreachable(e: BaseException) -> bool:
