@@ -154,6 +154,10 @@ def cmd_shard(ns: argparse.Namespace) -> int:
     from .data import writer
 
     kw = dict(name=ns.name, role=ns.role, group=ns.group, encoding=ns.encoding, maxcount=ns.maxcount, description=ns.description or "")
+    if ns.upload:
+        kw["upload"] = writer.Upload(ns.upload, **{k: v for k, v in (("put", ns.upload_cmd), ("get", ns.read_cmd)) if v})
+    elif ns.upload_cmd or ns.read_cmd:
+        raise DataError("--upload-cmd/--read-cmd need --upload DEST")
     if ns.image_size:
         kw["image_size"] = tuple(ns.image_size)
     if ns.mode:
@@ -182,7 +186,8 @@ def cmd_shard(ns: argparse.Namespace) -> int:
         if ns.role in ("outlier", "ood-val", "ood-test"):
             names = []
         m = writer.write_array_shards(arrays["images"], arrays["labels"], ns.out, class_names=names, **kw)
-    print(f"wrote {len(m.shards)} shards, {m.num_samples} samples: {m.path}")
+    where = f" (shards uploaded to {ns.upload})" if ns.upload else ""
+    print(f"wrote {len(m.shards)} shards, {m.num_samples} samples: {m.path}{where}")
     return 0
 
 
@@ -276,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--encoding", choices=("png", "raw"), default="png")
     s.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
     s.add_argument("--description")
+    s.add_argument("--upload", metavar="DEST", help="send each shard to DEST (e.g. s3://bucket/prefix) as it is written and delete the local copy; --out keeps the manifest")
+    s.add_argument("--upload-cmd", help="upload command with {src} and {dst} (default: aws s3 cp {src} {dst})")
+    s.add_argument("--read-cmd", help="command that writes a shard {url} to stdout, used as a pipe: URL in the manifest (default: aws s3 cp {url} -)")
     s.set_defaults(fn=cmd_shard)
     return p
 

@@ -130,3 +130,32 @@ def test_sqlite_artifacts_live_beside_the_database(tmp_path, monkeypatch):
     client = MlflowClient(f"sqlite:///{tmp_path}/db/mlflow.db")
     exp = client.get_experiment(ensure_experiment(client, "e"))
     assert exp.artifact_location.endswith(f"{tmp_path}/db/mlartifacts/e")
+
+
+def test_cli_shard_upload_streams_back_through_pipe_urls(tmp_path, capsys):
+    """``--upload`` sends each shard away as it is written; the manifest reads them via pipe: URLs.
+
+    The "remote" is a local folder and the commands are cp/cat, standing in for aws s3 cp.
+    """
+    import numpy as np
+
+    from ood_ray.cli import main
+    from ood_ray.data.manifest import Manifest
+    from ood_ray.data.streams import eval_batches
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (25, 8, 8), dtype=np.uint8), rng.integers(0, 3, 25)
+    np.savez(tmp_path / "a.npz", images=images, labels=labels)
+    remote = tmp_path / "bucket"
+    remote.mkdir()
+    argv = ["data", "shard", "--npz", str(tmp_path / "a.npz"), "--out", str(tmp_path / "local"), "--name", "up", "--role", "train", "--maxcount", "10"]
+    assert main([*argv, "--upload", str(remote), "--upload-cmd", "cp {src} {dst}", "--read-cmd", "cat {url}"]) == 0
+    assert sorted(p.name for p in remote.iterdir()) == ["manifest.json", "up-000000.tar", "up-000001.tar", "up-000002.tar"]
+    assert sorted(p.name for p in (tmp_path / "local").iterdir()) == ["manifest.json"]  # no local shard left
+    m = Manifest.load(tmp_path / "local")
+    assert all(u.startswith("pipe:cat ") for u in m.urls())
+    got = sorted((k, int(y)) for _, ys, ks in eval_batches(m, 0, 1, 7) for k, y in zip(ks, ys, strict=True))
+    assert got == [(f"{i:07d}", int(labels[i])) for i in range(25)]
+    # a failing upload names the shard and the command
+    assert main([*argv, "--upload", str(tmp_path / "missing" / "dir"), "--upload-cmd", "cp {src} {dst}", "--read-cmd", "cat {url}"]) == 2
+    assert "uploading" in capsys.readouterr().err

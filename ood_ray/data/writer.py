@@ -68,6 +68,41 @@ def encode_image(image: Image.Image, encoding: str) -> bytes:
     raise DataError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
 
 
+class Upload:
+    """Send each finished shard to remote storage with a shell command, and read it back with one.
+
+    ``dest`` is a URL prefix (``s3://bucket/prefix``, or any location the commands understand).
+    ``put`` is run with ``{src}`` (the local shard) and ``{dst}`` (``dest/<file>``); the manifest's
+    URL of a shard is ``pipe:`` + ``get`` with ``{url}`` = ``dest/<file>``, which WebDataset runs
+    when it streams the shard. The defaults use the AWS CLI. The local copy of a shard is deleted
+    once uploaded, so a data set larger than the local disk can be written.
+    """
+
+    def __init__(self, dest: str, put: str = "aws s3 cp --only-show-errors {src} {dst}", get: str = "aws s3 cp --only-show-errors {url} -"):
+        for cmd, keys in ((put, ("{src}", "{dst}")), (get, ("{url}",))):
+            missing = [k for k in keys if k not in cmd]
+            if missing:
+                raise DataError(f"upload command {cmd!r} lacks {', '.join(missing)}")
+        self.dest, self.put, self.get = dest.rstrip("/"), put, get
+
+    def send(self, local: str | Path) -> str:
+        """Upload one file; returns its remote URL."""
+        import shlex
+        import subprocess
+
+        dst = f"{self.dest}/{os.path.basename(local)}"
+        cmd = self.put.format(src=shlex.quote(str(local)), dst=shlex.quote(dst))
+        done = subprocess.run(cmd, shell=True, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise DataError(f"uploading {local} to {dst} failed (exit {done.returncode}): {cmd}\n{done.stderr.strip()[-2000:]}")
+        return dst
+
+    def read_url(self, remote: str) -> str:
+        import shlex
+
+        return "pipe:" + self.get.format(url=shlex.quote(remote))
+
+
 def write_shards(
     samples: Iterable[tuple[str, object, int]],
     out_dir: str | Path,
@@ -85,8 +120,13 @@ def write_shards(
     total: int | None = None,
     resize: bool = False,
     progress: bool = True,
+    upload: Upload | None = None,
 ) -> Manifest:
     """Write ``(key, image, label)`` samples to ``out_dir/{name}-NNNNNN.tar`` and ``manifest.json``.
+
+    With ``upload``, each shard is sent to remote storage as soon as it is complete and deleted
+    locally; the manifest (kept in ``out_dir`` and uploaded beside the shards) points to the
+    remote copies.
 
     Images are PIL images or uint8 arrays and must already have ``image_size`` (H, W) unless
     ``resize`` is set. Labels must lie in ``[0, len(class_names))`` for ID roles and be -1 for
@@ -111,9 +151,18 @@ def write_shards(
     finished: list[str] = []
     counts: list[int] = []
 
+    hashes: list[str] = []
+    urls: list[str] = []
+
     def shard_done(fname: str) -> None:  # called by ShardWriter as each shard closes
         finished.append(fname)
         counts.append(sink.total - sum(counts))
+        hashes.append(sha256_file(fname))
+        if upload is None:
+            urls.append(os.path.basename(fname))
+        else:
+            urls.append(upload.read_url(upload.send(fname)))
+            os.unlink(fname)
 
     seen: set[str] = set()
     pattern = str(out_dir / f"{name}-%06d.tar")
@@ -139,12 +188,10 @@ def write_shards(
     bar.close()
     if not seen:
         for f in finished:
-            os.unlink(f)
+            if os.path.exists(f):
+                os.unlink(f)
         raise DataError(f"no samples to write for {name!r}")
-    shards = [
-        ShardInfo(url=os.path.basename(f), count=c, sha256=sha256_file(f))
-        for f, c in zip(finished, counts, strict=True)
-    ]
+    shards = [ShardInfo(url=u, count=c, sha256=h) for u, c, h in zip(urls, counts, hashes, strict=True)]
     manifest = Manifest(
         name=name,
         role=role,
@@ -158,6 +205,8 @@ def write_shards(
         format_version=FORMAT_VERSION,
     )
     manifest.save(out_dir / "manifest.json")
+    if upload is not None:
+        upload.send(out_dir / "manifest.json")
     return manifest
 
 
