@@ -165,11 +165,11 @@ def decode_sample(sample: dict, manifest: Manifest) -> tuple[np.ndarray, int, st
     else:
         try:
             with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                if im.mode != manifest.mode:
+                if im.mode != manifest.mode:  # checked from the header, before decoding the pixels
                     raise DataError(f"{where}: image mode {im.mode}, manifest says {manifest.mode}")
                 if im.size != (w, h):
                     raise DataError(f"{where}: image is {im.size[1]}x{im.size[0]}, manifest says {h}x{w}")
+                im.load()
                 arr = np.asarray(im, dtype=np.uint8)
         except DataError:
             raise
@@ -243,7 +243,7 @@ class RankShards(IterableDataset):
         self.skipped += n
         self.logged_skips += 1
         if self.logged_skips <= LOG_SKIPS:
-            log.warning("skip_bad_samples: skipped %d sample(s) of %s: %s", n, self.manifest.name, why)
+            log.warning("skip_bad_samples: %s (%d sample(s) of %s skipped)", why, n, self.manifest.name)
         elif self.logged_skips == LOG_SKIPS + 1:
             log.warning("skip_bad_samples: more skips in %s are counted but not logged", self.manifest.name)
 
@@ -341,14 +341,29 @@ def rebatch(chunks, batch_size: int, n_batches: int | None, drop_last: bool, nam
     if have and not drop_last:
         yield torch.cat(xs), torch.cat(ys), ks
     elif n_batches is not None and done < n_batches and not skipping:
-        raise DataError(f"stream ended after {done} of {n_batches} batches (a shard is shorter than its manifest says)")
+        raise DataError(f"{name}: stream ended after {done} of {n_batches} batches (a shard is shorter than its manifest says)")
 
 
 def _loader(ds: RankShards, loader_workers: int):
     workers = min(loader_workers, len(ds.plan()))  # no reader without a shard
     if workers <= 0:
         return iter(ds)
-    return iter(DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False, prefetch_factor=4))
+    return _plain_errors(iter(DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False, prefetch_factor=4)))
+
+
+_WRAPPED = "\nood_ray.data.manifest.DataError: "
+
+
+def _plain_errors(batches):
+    """A DataError raised in a loader worker, with its own message instead of the worker's traceback."""
+    try:
+        yield from batches
+    except DataError as e:
+        text = str(e)
+        i = text.rfind(_WRAPPED)
+        if i < 0:
+            raise
+        raise DataError(text[i + len(_WRAPPED) :].rstrip("\n")) from None
 
 
 def train_batches(

@@ -6,6 +6,8 @@ they need from the ``Method`` object registered under the method's name.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,11 +43,29 @@ class Method:
 
     @classmethod
     def check_params(cls, params: dict) -> None:
-        unknown = sorted(set(params) - set(cls.defaults))
+        """Raise ValueError naming the parameter and its value unless ``params`` is valid.
+
+        Every parameter must have the type of its default (a real number, not a bool, for numeric
+        defaults; a string for string defaults); ``delta`` may also be None (no threshold).
+        Numbers must be finite, then the ``nonnegative``/``positive`` bounds and ``delta`` in
+        [0, 1] apply, and finally the method's own ``validate``.
+        """
+        if not isinstance(params, dict):
+            raise ValueError(f"method {cls.name!r}: parameters must be a mapping of name to value, got {params!r}")
+        unknown = sorted(str(k) for k in set(params) - set(cls.defaults))
         if unknown:
             known = ", ".join(sorted(cls.defaults)) or "none"
             raise ValueError(f"method {cls.name!r}: unknown parameter(s) {', '.join(unknown)}; known: {known}")
         full = {**cls.defaults, **params}
+        for key, default in cls.defaults.items():
+            value, label = full[key], cls.labels.get(key, key)
+            if _is_number(default):
+                if key == "delta" and value is None:  # None = no "don't know" threshold
+                    continue
+                if not _is_number(value):
+                    raise ValueError(f"{cls.name}: {label}={value!r} must be a number")
+            elif isinstance(default, str) and not isinstance(value, str):
+                raise ValueError(f"{cls.name}: {label}={value!r} must be a string")
         for key in cls.nonnegative + cls.positive:
             ok = float(full[key]) > 0 if key in cls.positive else float(full[key]) >= 0  # NaN fails both
             if not ok:
@@ -54,6 +74,9 @@ class Method:
         delta = full.get("delta")
         if delta is not None and not 0.0 <= float(delta) <= 1.0:
             raise ValueError(f"{cls.name}: delta={delta} must lie in [0, 1] (a threshold on a probability)")
+        for key, value in full.items():
+            if _is_number(value) and not math.isfinite(float(value)):
+                raise ValueError(f"{cls.name}: {cls.labels.get(key, key)}={value!r} must be finite")
         cls.validate(full)
 
     @classmethod
@@ -115,6 +138,11 @@ class Method:
     def initial_state(self) -> dict:
         """Method state that evolves during training and is checkpointed (e.g. an adaptive λ)."""
         return {}
+
+
+def _is_number(value) -> bool:
+    """A real number (Python or numpy), but not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def msp(logits: torch.Tensor) -> torch.Tensor:

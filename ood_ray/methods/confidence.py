@@ -205,6 +205,11 @@ class Confidence(Method):
     labels = {"budget": "budget (β)", "epsilon": "epsilon (ε)"}
 
     @classmethod
+    def validate(cls, params: dict) -> None:
+        if not float(params["cutout"]).is_integer():
+            raise ValueError(f"confidence: cutout={params['cutout']!r} must be a whole number of pixels (0 = off)")
+
+    @classmethod
     def search_space(cls, trial) -> dict:
         """β (budget), the initial λ and cutout: what changes training."""
         return {

@@ -55,7 +55,7 @@ from scipy.optimize import minimize
 from torch import nn
 
 from ..metrics import ece as _ece
-from .base import Method, StepResult
+from .base import Method, StepResult, _is_number
 
 __all__ = [
     "DisMaxHead",
@@ -425,12 +425,16 @@ class DisMax(Method):
     def validate(cls, params: dict) -> None:
         if params["calibration_objective"] not in ("ece", "nll"):
             raise ValueError(f"dismax: calibration_objective={params['calibration_objective']!r}; choose ece or nll")
-        if int(params["calibration_bins"]) < 1:
-            raise ValueError(f"dismax: calibration_bins={params['calibration_bins']} must be >= 1")
+        bins = params["calibration_bins"]  # a number: Method.check_params checked the type
+        if not float(bins).is_integer() or bins < 1:
+            raise ValueError(f"dismax: calibration_bins={bins!r} must be an integer >= 1")
+        bounds = params["calibration_bounds"]
+        if not isinstance(bounds, list | tuple) or not all(_is_number(b) for b in bounds):
+            raise ValueError(f"dismax: calibration_bounds={bounds!r} must be a list of two numbers [low, high]")
         try:
-            check_bounds(params["calibration_bounds"])
+            check_bounds(bounds)
         except ValueError as e:
-            raise ValueError(f"dismax: {e}") from None
+            raise ValueError(f"dismax: calibration_bounds={bounds!r}: {e}") from None
 
     @classmethod
     def search_space(cls, trial) -> dict:
