@@ -84,7 +84,28 @@ class SweepConfig:
         self.base.posthoc_search = True
         self.base.evaluate_test = False
         self.base.validate()
-        if not isinstance(self.num_trials, int) or self.num_trials < 1:
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+        for key in ("num_trials", "grace_period", "max_trial_failures", "seed"):
+            if not is_int(getattr(self, key)):
+                bad(key, "must be an integer")
+        for key in ("trial_cpus", "reduction_factor"):
+            if not is_real(getattr(self, key)):
+                bad(key, "must be a finite number")
+        if self.concurrency is not None and not is_int(self.concurrency):
+            bad("concurrency", "must be an integer (or unset)")
+        if self.gpus_per_worker is not None and not is_real(self.gpus_per_worker):
+            bad("gpus_per_worker", "must be a finite number (or unset)")
+        if self.name is not None and not isinstance(self.name, str):
+            bad("name", "must be a string")
+        if self.max_trial_failures < 0 or self.seed < 0:
+            bad("max_trial_failures" if self.max_trial_failures < 0 else "seed", "must be >= 0")
+        if self.num_trials < 1:
             bad("num_trials", "must be an integer >= 1")
         if self.concurrency is not None and self.concurrency < 1:
             bad("concurrency", "must be >= 1 (or unset: derived from the cluster)")
@@ -207,8 +228,12 @@ def trial_config(config: dict) -> TrainConfig:
     return TrainConfig.from_dict(d)
 
 
-def run_trial(config: dict) -> None:
-    """Tune trainable: one Ray Train run; its reports reach Tune through TuneReportCallback."""
+def run_trial(config: dict, benchmark: dict | None = None) -> None:
+    """Tune trainable: one Ray Train run; its reports reach Tune through TuneReportCallback.
+
+    ``benchmark`` is the sweep driver's ``Benchmark.to_spec()``, passed with ``tune.with_parameters``
+    (through the object store, not the trial config), so no node but the driver's reads benchmark.json.
+    """
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .data.manifest import Benchmark
@@ -216,8 +241,7 @@ def run_trial(config: dict) -> None:
 
     cfg = trial_config(config)
     trial_id = tune.get_context().get_trial_id()
-    spec = config.get("benchmark")  # read by the sweep's driver: no benchmark.json needed on this node
-    bench = Benchmark.from_spec(spec) if spec else None
+    bench = Benchmark.from_spec(benchmark) if benchmark else None
     trainer = make_trainer(cfg, f"{config['sweep_name']}-{trial_id}", [TuneReportCallback()], gpus_per_worker=config["gpus_per_worker"], bench=bench)
     trainer.fit()
 
@@ -557,7 +581,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         # Tune saves its experiment state at most this often (default: >= 10 s); what a killed
         # driver leaves behind is at most this old, so --resume loses at most this much.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-        trainable = tune.with_resources(run_trial, {"CPU": sweep.trial_cpus})
+        trainable = tune.with_resources(tune.with_parameters(run_trial, benchmark=bench.to_spec()), {"CPU": sweep.trial_cpus})
         recorder = SweepRecorder(base.mlflow_uri, exp_id, parent_id, name, base.epochs, sweep.num_trials)
         if sweep.resume:
             say(f"resuming sweep {name!r} from {exp_path}")
@@ -565,9 +589,13 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         else:
             tuner = tune.Tuner(
                 trainable,
-                param_space={"base": base.to_dict(), "sweep_name": name, "gpus_per_worker": gpus, "benchmark": bench.to_spec()},
+                param_space={"base": base.to_dict(), "sweep_name": name, "gpus_per_worker": gpus},
                 tune_config=tune.TuneConfig(
-                    num_samples=sweep.num_trials, search_alg=searcher, scheduler=scheduler, max_concurrent_trials=concurrency, trial_dirname_creator=trial_dirname
+                    num_samples=sweep.num_trials, search_alg=searcher, scheduler=scheduler, max_concurrent_trials=concurrency, trial_dirname_creator=trial_dirname,
+                    # A finished trial's actor (its process, torch and ood_ray imported) runs the next
+                    # trial: one process start and its imports less per trial. Not with ASHA: a trial
+                    # it stops is still inside trainer.fit(), so its actor cannot be reset for reuse.
+                    reuse_actors=not sweep.asha,
                 ),
                 run_config=tune.RunConfig(
                     name=name,

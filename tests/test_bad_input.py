@@ -276,3 +276,22 @@ def test_cli_train_rejects_before_any_work(tmp_path, capsys, monkeypatch, argv, 
     assert err.startswith("ood-ray: error: ") and named in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    "kw,key",
+    [
+        ({"concurrency": "2"}, "concurrency"),
+        ({"trial_cpus": float("inf")}, "trial_cpus"),
+        ({"num_trials": True}, "num_trials"),
+        ({"grace_period": 1.5}, "grace_period"),
+        ({"max_trial_failures": -5}, "max_trial_failures"),
+        ({"name": 5}, "name"),
+        ({"gpus_per_worker": "x"}, "gpus_per_worker"),
+        ({"reduction_factor": float("nan")}, "reduction_factor"),
+    ],
+)
+def test_sweep_config_types_from_python(kw, key):
+
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        SweepConfig(method="softmax", base=TrainConfig(), **kw).validate()
