@@ -41,7 +41,7 @@ from .data.streams import (
 from .evaluate import collect, evaluate_split, gather, normalize, scoring_mode, unwrap
 from .methods import Method, get_method
 from .models import Classifier, build_backbone
-from .objective import objective_value
+from .objective import objective_metrics, objective_value
 
 STATE_FILE = "state.pt"
 META_FILE = "model.json"
@@ -53,7 +53,18 @@ def benchmark_path(cfg: TrainConfig) -> str:
 
 
 def load_benchmark(cfg: TrainConfig, verify: bool = False) -> Benchmark:
-    bench = Benchmark.load(benchmark_path(cfg), verify=verify)
+    """The benchmark of ``cfg``; ``verify`` checks every local shard's sha256.
+
+    With ``skip_bad_samples`` a damaged shard is reported and training goes on (its bad samples
+    are skipped and counted when read); without it the first mismatch is an error.
+    """
+    bench = Benchmark.load(benchmark_path(cfg), verify=verify and not cfg.skip_bad_samples)
+    if verify and cfg.skip_bad_samples:
+        for m in bench.all_manifests():
+            try:
+                m.verify()
+            except DataError as e:
+                say(f"warning: {e}; skip_bad_samples is on, so its unreadable samples will be skipped and counted")
     method = get_method(cfg.method, cfg.method_params)
     if method.needs_outliers and bench.outlier is None:
         raise ConfigError(f"method {cfg.method!r} needs an outlier set, but {bench.path} has no 'outlier' entry")
@@ -403,7 +414,9 @@ def train_loop(cfg: TrainConfig, worker, bench: Benchmark | None = None) -> None
             reason = f"training diverged: the mean train loss of epoch {epoch + 1} is {metrics['train_loss']} (lr {cfg.lr:g}); lower the learning rate"
             if rank == 0:
                 say(reason)
-            worker.report({**metrics, "diverged": reason}, None)  # no checkpoint of a broken model
+            # the objective is reported as NaN (Tune insists on it; ASHA ignores NaN, Optuna marks FAIL)
+            nan = {k: math.nan for k in ("objective", *objective_metrics(cfg.objective))}
+            worker.report({**metrics, **nan, "diverged": reason}, None)  # no checkpoint of a broken model
             return
         t1 = time.perf_counter()
         sync_buffers(model, world)
@@ -481,6 +494,11 @@ def make_trainer(cfg: TrainConfig, name: str, callbacks: list, gpus_per_worker: 
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         gpus_per_worker = 1.0 if use_gpu else 0.0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker > 0 else {})}
+    # Ray Train's controller polls its workers every 2 s by default, so each report waited up to 2 s
+    # before Tune/MLflow saw it and a finished run up to 2 s before it ended (~1 s + 1 s per epoch
+    # and run on average). A poll is one small RPC per worker. Read where fit() runs, which passes it
+    # on to the controller; a value set in the environment wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "benchmark": bench.to_spec()},
@@ -499,6 +517,11 @@ def make_trainer(cfg: TrainConfig, name: str, callbacks: list, gpus_per_worker: 
 def ensure_ray() -> None:
     if not ray.is_initialized():
         # Joins the cluster under `ray job submit` (RAY_ADDRESS is set), else starts a local Ray.
+        if not os.environ.get("RAY_ADDRESS"):
+            # One local node: a preemption would take the driver with it, so Ray Train's preemption
+            # watcher (one more actor process per Train run, i.e. per sweep trial) has nothing to
+            # do. Set before ray.init so every Ray process inherits it; a value already set wins.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(log_to_driver=True)
 
 

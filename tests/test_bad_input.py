@@ -292,6 +292,5 @@ def test_cli_train_rejects_before_any_work(tmp_path, capsys, monkeypatch, argv, 
     ],
 )
 def test_sweep_config_types_from_python(kw, key):
-
     with pytest.raises(ConfigError, match=rf"^{key}="):
         SweepConfig(method="softmax", base=TrainConfig(), **kw).validate()
