@@ -296,7 +296,7 @@ def process_rss_mb() -> float:
     total = me.memory_info().rss
     for child in me.children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            total += child.memory_info().rss
+            total += child.memory_full_info().uss  # private pages only: a forked worker shares the rest with us
     return total / 2**20
 
 
@@ -371,12 +371,18 @@ def train_loop(cfg: TrainConfig, worker, bench: Benchmark | None = None) -> None
         ratio = method.params.get("outlier_ratio", 1)
         outliers = outlier_batches(bench.outlier, rank, world, int(ratio * bs), seed=cfg.seed, epoch=start, augment_pad=cfg.augment_pad, hflip=cfg.hflip, loader_workers=cfg.loader_workers)
 
+    def epoch_stream(e: int):
+        return train_batches(bench.train, rank, world, bs, e, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, augment_pad=cfg.augment_pad, hflip=cfg.hflip, loader_workers=cfg.loader_workers)
+
+    upcoming = None  # with loader workers: the next epoch's stream, started during this epoch
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
         loss_sum, n, logs_sum = 0.0, 0, {}
-        batches = train_batches(bench.train, rank, world, bs, epoch, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, augment_pad=cfg.augment_pad, hflip=cfg.hflip, loader_workers=cfg.loader_workers)
+        batches, upcoming = upcoming or epoch_stream(epoch), None
         for x, y, _ in batches_in_step(batches, world, device, cfg.skip_bad_samples):
+            if n == 0 and cfg.loader_workers > 0 and epoch + 1 < cfg.epochs:
+                upcoming = epoch_stream(epoch + 1)  # its workers fork and fill their shuffle buffers during this epoch
             x = normalize(x, device).contiguous(memory_format=memory_format)
             y = y.to(device, non_blocking=True)
             x_out = normalize(next(outliers)[0], device).contiguous(memory_format=memory_format) if outliers is not None else None

@@ -108,10 +108,10 @@ def test_letters_also_render_with_the_bitmap_font():
 def test_default_data_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("OOD_RAY_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert D.default_data_dir(3) == tmp_path / "cache" / "ood_ray" / "digits-ood-v1-seed3"
+    assert D.default_data_dir(3) == tmp_path / "cache" / "ood_ray" / "digits-ood-v2-seed3"
     monkeypatch.delenv("XDG_CACHE_HOME")
     d = D.default_data_dir()
-    assert d.is_absolute() and d.name == "digits-ood-v1-seed0" and d.parent.name == "ood_ray"
+    assert d.is_absolute() and d.name == "digits-ood-v2-seed0" and d.parent.name == "ood_ray"
     monkeypatch.setenv("OOD_RAY_DATA_DIR", str(tmp_path / "mine"))
     assert D.default_data_dir(5) == tmp_path / "mine"
 

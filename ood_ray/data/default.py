@@ -49,7 +49,7 @@ from .manifest import OOD_LABEL, DataError
 from .writer import write_array_shards
 
 DEFAULT_NAME = "digits-ood"
-DEFAULT_VERSION = 1
+DEFAULT_VERSION = 2  # 2: tar members without pax headers (int mtime)
 ENV_DATA_DIR = "OOD_RAY_DATA_DIR"
 SPEC_FILE = "benchmark.json"
 

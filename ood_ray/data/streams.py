@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import io
 import logging
+import mmap
+import os
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,14 +45,16 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .manifest import OOD_LABEL, DataError, Manifest
+from .manifest import OOD_LABEL, DataError, Manifest, is_remote
 
 CHUNK = 32  # samples per message from a DataLoader worker to the training process
 LOG_SKIPS = 20  # skipped samples logged one by one per stream; later ones are only counted
+DECODED_CACHE_MB = 64  # per process: sets whose decoded images fit are decoded once, then served from memory
 
 log = logging.getLogger("ood_ray.data")
 _policy = {"skip_bad_samples": False}
 _skipped: dict[str, int] = {}
+_decoded: dict[tuple, list[tuple[np.ndarray, int, str]]] = {}  # (url, size, mtime, encoding, shape, mode) -> samples
 
 
 def set_skip_bad_samples(enabled: bool) -> None:
@@ -116,11 +121,115 @@ def batches_per_epoch(manifest: Manifest, world: int, batch_size: int, epoch: in
     return n
 
 
+_TAR_META = re.compile(r"__[^/]*__($|/)")
+_TAR_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def _tar_int(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256
+        v = int.from_bytes(field[1:], "big")
+        return v - (1 << (8 * (len(field) - 1))) if field[0] & 0x40 else v
+    s = field.split(b"\0", 1)[0].strip()
+    return int(s, 8) if s else 0
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data):
+        sp = data.index(b" ", pos)
+        length = int(data[pos:sp])
+        k, _, v = data[sp + 1 : pos + length - 1].partition(b"=")
+        out[k.decode("utf-8", "replace")] = v.decode("utf-8", "replace")
+        pos += length
+    return out
+
+
+def tar_members(buf) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular files of an uncompressed ustar/pax/GNU tar held in ``buf``.
+
+    Walks the 512-byte headers directly (about 10x faster than ``tarfile``'s stream mode for small
+    members); honours pax ``path``/``size`` records and GNU long names; checks every header's
+    checksum; raises ``ValueError`` on a corrupt or truncated archive.
+    """
+    pos, end = 0, len(buf)
+    pax: dict[str, str] = {}
+    gpax: dict[str, str] = {}
+    longname = None
+    while True:
+        if pos + 512 > end:
+            if pos == end:
+                return
+            raise ValueError(f"truncated tar header at byte {pos}")
+        hdr = buf[pos : pos + 512]
+        if hdr.count(0) == 512:
+            return
+        try:
+            chk, size = _tar_int(hdr[148:156]), _tar_int(hdr[124:136])
+        except ValueError:
+            raise ValueError(f"invalid tar header at byte {pos}") from None
+        if chk != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+            raise ValueError(f"bad tar header checksum at byte {pos}")
+        typ = hdr[156:157]
+        info = {**gpax, **pax}
+        if "size" in info:
+            size = int(info["size"])
+        start = pos + 512
+        if start + size > end:
+            raise ValueError(f"truncated tar member at byte {pos}")
+        pos = start + (size + 511) // 512 * 512
+        if typ == b"x":
+            pax = _pax(bytes(buf[start : start + size]))
+            continue
+        if typ == b"g":
+            gpax.update(_pax(bytes(buf[start : start + size])))
+            continue
+        if typ == b"L":
+            longname = bytes(buf[start : start + size]).split(b"\0", 1)[0].decode("utf-8", "replace")
+            continue
+        name = info.get("path") or longname
+        if name is None:
+            name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            prefix = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") if hdr[257:262] == b"ustar" else ""
+            name = f"{prefix}/{name}" if prefix else name
+        pax, longname = {}, None
+        if typ in (b"0", b"\0", b"7"):
+            yield name, bytes(buf[start : start + size])
+
+
+def _local_tar_samples(path: str) -> Iterator[dict]:
+    """Samples of a local tar file, grouped by key as webdataset's ``group_by_keys`` does."""
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+    try:
+        current: dict | None = None
+        for fname, data in tar_members(buf):
+            m = _TAR_KEY.match(fname)
+            if not m or _TAR_META.match(fname):
+                continue
+            key, suffix = m.group(1), m.group(2).lower()
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": path}
+            if suffix in current:
+                raise ValueError(f"{fname}: duplicate file name in the tar file")
+            current[suffix] = data
+        if current is not None:
+            yield current
+    finally:
+        if isinstance(buf, mmap.mmap):
+            buf.close()
+
+
 def read_shard(task: ShardTask) -> Iterator[dict]:
     """Samples of one shard (grouped by key), checking the count against the manifest."""
     n = 0
+    if is_remote(task.url):
+        samples = wds.tariterators.tarfile_samples([{"url": task.url}], handler=wds.reraise_exception)
+    else:
+        samples = _local_tar_samples(task.url)
     try:
-        for sample in wds.tariterators.tarfile_samples([{"url": task.url}], handler=wds.reraise_exception):
+        for sample in samples:
             if task.keeps(n):
                 yield sample
             n += 1
@@ -193,6 +302,21 @@ def augment(img: np.ndarray, rng: np.random.Generator, pad: int, hflip: bool) ->
     return img
 
 
+def augment_chunk(imgs: np.ndarray, rng: np.random.Generator, pad: int, hflip: bool) -> np.ndarray:
+    """``augment`` for a whole chunk N×C×H×W at once (same distribution, one call per chunk)."""
+    n, c, h, w = imgs.shape
+    if pad > 0:
+        padded = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=imgs.dtype)
+        padded[:, :, pad : pad + h, pad : pad + w] = imgs
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(2, 3))  # n, c, 2p+1, 2p+1, h, w
+        off = rng.integers(0, 2 * pad + 1, size=(n, 2))
+        imgs = windows[np.arange(n), :, off[:, 0], off[:, 1]]  # a copy, n×c×h×w
+    if hflip:
+        flip = rng.random(n) < 0.5
+        imgs = np.where(flip[:, None, None, None], imgs[:, :, :, ::-1], imgs)
+    return np.ascontiguousarray(imgs)
+
+
 def shuffled(it: Iterator, buffer: int, rng: np.random.Generator) -> Iterator:
     if buffer <= 1:
         yield from it
@@ -235,6 +359,8 @@ class RankShards(IterableDataset):
         self.repeat, self.chunk = repeat, chunk
         self.skip_bad = _policy["skip_bad_samples"]  # travels with the dataset into loader workers
         self.skipped = self.logged_skips = 0
+        c, (h, w) = manifest.channels, manifest.image_size
+        self.cache = not self.skip_bad and manifest.num_samples * c * h * w <= DECODED_CACHE_MB * 2**20
 
     def plan(self) -> list[ShardTask]:
         return plan_epoch(self.manifest, self.rank, self.world, self.epoch, self.seed, self.shuffle)
@@ -260,26 +386,50 @@ class RankShards(IterableDataset):
             except DataError as e:  # the rest of this shard is lost; count what the manifest promised
                 self._skip(max(t.kept() - kept, 0), str(e))
 
+    def _read_decoded(self, tasks: list[ShardTask]) -> Iterator[tuple[np.ndarray, int, str]]:
+        """Decoded samples of ``tasks`` from this process's cache; a shard's first read fills it.
+
+        A shard is read in full (also the samples another rank keeps) and kept only when read to
+        its end, keyed by URL, size and mtime, so a replaced shard is read again.
+        """
+        m = self.manifest
+        for t in tasks:
+            try:
+                st = os.stat(t.url) if not is_remote(t.url) else None
+            except OSError:
+                st = None
+            key = (t.url, st and st.st_size, st and st.st_mtime_ns, m.encoding, tuple(m.image_size), m.mode)
+            entries = _decoded.get(key)
+            if entries is not None:
+                yield from (e for j, e in enumerate(entries) if t.keeps(j))
+                continue
+            entries = []
+            for j, s in enumerate(read_shard(ShardTask(t.url, t.count))):
+                entries.append(decode_sample(s, m))
+                if t.keeps(j):
+                    yield entries[-1]
+            _decoded[key] = entries
+
     def _samples(self, pass_: int, wid: int, nworkers: int) -> Iterator[tuple[np.ndarray, int, str]]:
-        """Decoded, augmented samples; with skipping on, bad ones are counted in ``skipped`` instead."""
+        """Decoded samples in shuffled order; with skipping on, bad ones are counted in ``skipped`` instead."""
         tasks = self.plan()[wid::nworkers]
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, wid, pass_, 11])
         if pass_ > 0:  # an endless stream keeps its shards and reorders them on every pass
             tasks = [tasks[i] for i in rng.permutation(len(tasks))]
+        if self.cache:
+            samples = self._read_decoded(tasks)
+            yield from shuffled(samples, self.shuffle_buffer, rng) if self.shuffle else samples
+            return
         raw = self._read(tasks)
         if self.shuffle:
             raw = shuffled(raw, self.shuffle_buffer, rng)
         for s in raw:
             try:
-                img, label, key = decode_sample(s, self.manifest)
+                yield decode_sample(s, self.manifest)
             except DataError as e:
                 if not self.skip_bad:
                     raise
                 self._skip(1, str(e))
-                continue
-            if self.augment_pad or self.hflip:
-                img = augment(img, rng, self.augment_pad, self.hflip)
-            yield img, label, key
 
     def __iter__(self):
         info = get_worker_info()
@@ -288,7 +438,11 @@ class RankShards(IterableDataset):
         shape = (self.manifest.channels, *self.manifest.image_size)
         while True:
             produced = 0
+            # augmentation draws from its own generator, one call per chunk
+            aug_rng = np.random.default_rng([self.seed, self.epoch, self.rank, wid, pass_, 13])
             for imgs, labels, keys in chunked(self._samples(pass_, wid, nworkers), self.chunk):
+                if self.augment_pad or self.hflip:
+                    imgs = torch.from_numpy(augment_chunk(imgs.numpy(), aug_rng, self.augment_pad, self.hflip))
                 produced += len(labels)
                 yield imgs, labels, keys, self._take()
             if self.skipped:  # skips after the last full chunk still reach the counter
@@ -346,6 +500,8 @@ def rebatch(chunks, batch_size: int, n_batches: int | None, drop_last: bool, nam
 
 def _loader(ds: RankShards, loader_workers: int):
     workers = min(loader_workers, len(ds.plan()))  # no reader without a shard
+    if ds.cache:  # served from memory after its first read: a worker would only add its fork and IPC
+        workers = 0
     if workers <= 0:
         return iter(ds)
     return _plain_errors(iter(DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False, prefetch_factor=4)))

@@ -167,8 +167,9 @@ def write_shards(
     seen: set[str] = set()
     pattern = str(out_dir / f"{name}-%06d.tar")
     bar = tqdm(total=total, desc=f"writing {name}", unit="img", disable=not progress, leave=False)
+    # mtime is an int: a float (even 0.0) makes tarfile's PAX format add a pax header to every member
     with wds.ShardWriter(
-        pattern, maxcount=maxcount, maxsize=maxsize, post=shard_done, verbose=0, mtime=0.0, user="ood_ray", group="ood_ray"
+        pattern, maxcount=maxcount, maxsize=maxsize, post=shard_done, verbose=0, mtime=0, user="ood_ray", group="ood_ray"
     ) as sink:
         for key, image, label in samples:
             where = f"sample {key!r}"
