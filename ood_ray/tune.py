@@ -244,6 +244,30 @@ def run_trial(config: dict, benchmark: dict | None = None) -> None:
     bench = Benchmark.from_spec(benchmark) if benchmark else None
     trainer = make_trainer(cfg, f"{config['sweep_name']}-{trial_id}", [TuneReportCallback()], gpus_per_worker=config["gpus_per_worker"], bench=bench)
     trainer.fit()
+    wait_for_forwarded_reports()
+
+
+def wait_for_forwarded_reports(settle_s: float = 1.0, timeout_s: float = 120.0) -> None:
+    """Return only after Tune has taken the Train run's last forwarded report.
+
+    Ray 2.60's Train-to-Tune bridge has a race: TuneReportCallback's last report may still sit in
+    the trial's inter-actor queue when ``fit()`` returns; if this function returns first, the
+    trainable's main thread later blocks for ever putting that report into a result queue that
+    already holds the end-of-trial result, and the sweep hangs (seen under load). Waiting until the
+    queue is drained, plus a moment for the report to be handed on, closes the window.
+    """
+    try:
+        from ray.train._internal.session import get_session
+
+        queue = get_session()._inter_actor_queue
+    except Exception:  # noqa: BLE001 - private API; without it there is nothing to wait for
+        return
+    if queue is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not queue.empty():
+        time.sleep(0.05)
+    time.sleep(settle_s)
 
 
 # ---------------------------------------------------------------------------
