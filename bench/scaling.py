@@ -3,7 +3,7 @@ an in-memory ceiling with fp32 / bf16 / bf16 + channels_last.
 
 CPU mode (default)::
 
-    python bench/scaling.py                      # digits-ood (8x8 gray), 3 epochs
+    python bench/scaling.py                      # digits-ood (8x8 gray), 5 epochs
     python bench/scaling.py --n 4000             # + a synthetic CIFAR-sized set (32x32 RGB shards)
     python bench/scaling.py --n 512 --epochs 1 --skip-digits --precision bf16   # bf16 path check
 
@@ -333,7 +333,7 @@ def gpu_mode(args, tmp: Path) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="GPU mode: ResNet-18 on synthetic shards vs an in-memory ceiling, fp32 / bf16 / bf16+channels_last")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3; with 3+ epoch 1 is left out)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 5 on CPU, 3 in GPU mode; with 3+ epoch 1 is left out as warm-up)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (default 64 on CPU, 256 in GPU mode)")
     p.add_argument("--n", type=int, default=None, help="training images of the synthetic CIFAR-sized set (CPU default 0 = none; GPU default 20000)")
     p.add_argument("--encoding", default="png", choices=("png", "raw"), help="shard encoding of the synthetic set (default png)")
@@ -356,6 +356,7 @@ def parse_args(argv=None):
     p.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temp folder, removed)")
     args = p.parse_args(argv)
     gpu = args.gpu
+    args.epochs = args.epochs or (3 if gpu else 5)
     args.batch_size = args.batch_size or (256 if gpu else 64)
     args.n = args.n if args.n is not None else (20000 if gpu else 0)
     args.backbone = args.backbone or ("resnet18" if gpu else "small_cnn")
