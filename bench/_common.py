@@ -12,7 +12,6 @@ import io
 import json
 import mmap
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -21,26 +20,42 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ood_ray.data.streams import _TAR_KEY, _TAR_META, tar_members
+
 # ---------------------------------------------------------------------------------------------
 # Output
 
 
-def log(msg: str) -> None:
+_REAL_STDOUT: int | None = None
+
+
+def log(msg: str, tag: str = "bench") -> None:
     """Progress on stderr (stdout carries exactly one JSON object)."""
-    sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.write(f"[{tag} {time.strftime('%H:%M:%S')}] {msg}\n")
     sys.stderr.flush()
 
 
+def capture_stdout() -> None:
+    """Send fd 1 (Ray's forwarded worker output, progress lines) to stderr; ``emit`` still reaches stdout."""
+    global _REAL_STDOUT
+    sys.stdout.flush()
+    _REAL_STDOUT = os.dup(1)
+    os.dup2(2, 1)
+
+
 def emit(obj: dict) -> None:
-    print(json.dumps(obj, indent=1, default=_jsonable))
+    text = json.dumps(obj, indent=1, default=_jsonable) + "\n"
+    sys.stdout.flush()
+    if _REAL_STDOUT is None:
+        sys.stdout.write(text)
+    else:
+        os.write(_REAL_STDOUT, text.encode())
 
 
 def _jsonable(v):
     if isinstance(v, np.generic):
         return v.item()
-    if isinstance(v, Path):
-        return str(v)
-    raise TypeError(f"not JSON serializable: {type(v).__name__}")
+    return str(v)  # paths and the like
 
 
 def machine_info(threads: int) -> dict:
@@ -277,82 +292,8 @@ def augment_chunk_np(imgs: np.ndarray, rng: np.random.Generator, pad: int, hflip
 # ---------------------------------------------------------------------------------------------
 # Proposed change 1: a direct reader for local uncompressed tar shards (replaces tarfile streaming)
 
-_META = re.compile(r"__[^/]*__($|/)")
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
-
-def _tar_number(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # base-256 (GNU) for big numbers
-        v = int.from_bytes(field[1:], "big")
-        return v - (1 << (8 * (len(field) - 1))) if field[0] & 0x40 else v
-    s = field.split(b"\0", 1)[0].strip()
-    return int(s, 8) if s else 0
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(data):
-        sp = data.index(b" ", pos)
-        length = int(data[pos:sp])
-        rec = data[sp + 1 : pos + length - 1]
-        k, _, v = rec.partition(b"=")
-        out[k.decode("utf-8", "replace")] = v.decode("utf-8", "replace")
-        pos += length
-    return out
-
-
-def tar_members(buf) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files of an uncompressed ustar/pax/GNU tar held in ``buf``.
-
-    Handles pax ('x'/'g') path/size records and GNU long names ('L'); checks every header's
-    checksum; raises ``ValueError`` on a truncated or corrupt archive (like ``tarfile`` would).
-    """
-    pos, end = 0, len(buf)
-    pax: dict[str, str] = {}
-    gpax: dict[str, str] = {}
-    longname: str | None = None
-    while True:
-        if pos + 512 > end:
-            if pos == end:  # no end-of-archive blocks: tarfile accepts this too
-                return
-            raise ValueError(f"truncated header at byte {pos}")
-        hdr = buf[pos : pos + 512]
-        if hdr.count(0) == 512:
-            return
-        try:
-            chk = _tar_number(hdr[148:156])
-            size = _tar_number(hdr[124:136])
-        except ValueError:
-            raise ValueError(f"invalid tar header at byte {pos}") from None
-        if chk != sum(hdr[:148]) + 256 + sum(hdr[156:]):
-            raise ValueError(f"bad tar header checksum at byte {pos}")
-        typ = hdr[156:157]
-        info = {**gpax, **pax}
-        if "size" in info:
-            size = int(info["size"])
-        start = pos + 512
-        if start + size > end:
-            raise ValueError(f"truncated member at byte {pos}")
-        pos = start + ((size + 511) // 512) * 512
-        if typ == b"x":
-            pax = _pax_records(bytes(buf[start : start + size]))
-            continue
-        if typ == b"g":
-            gpax.update(_pax_records(bytes(buf[start : start + size])))
-            continue
-        if typ == b"L":
-            longname = bytes(buf[start : start + size]).split(b"\0", 1)[0].decode("utf-8", "replace")
-            continue
-        name = info.get("path") or longname
-        if name is None:
-            name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            if hdr[257:262] == b"ustar":
-                prefix = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-                if prefix:
-                    name = prefix + "/" + name
-        pax, longname = {}, None
-        if typ in (b"0", b"\0", b"7"):
-            yield name, bytes(buf[start : start + size])
+# the package's reader (this benchmark's prototype became ood_ray.data.streams.tar_members)
+_META, _KEY_EXT = _TAR_META, _TAR_KEY
 
 
 def fast_read_shard(task) -> Iterator[dict]:

@@ -47,29 +47,13 @@ from pathlib import Path
 
 import numpy as np
 
-_REAL_STDOUT: int | None = None
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import capture_stdout, emit  # noqa: E402
+from _common import log as _common_log  # noqa: E402
 
 
 def log(msg: str) -> None:
-    sys.stderr.write(f"[scaling {time.strftime('%H:%M:%S')}] {msg}\n")
-    sys.stderr.flush()
-
-
-def capture_stdout() -> None:
-    """fd 1 -> stderr while we run (Ray's worker output, progress lines); the JSON goes to the real one."""
-    global _REAL_STDOUT
-    sys.stdout.flush()
-    _REAL_STDOUT = os.dup(1)
-    os.dup2(2, 1)
-
-
-def emit(obj: dict) -> None:
-    text = json.dumps(obj, indent=1, default=str) + "\n"
-    sys.stdout.flush()
-    if _REAL_STDOUT is None:
-        sys.stdout.write(text)
-    else:
-        os.write(_REAL_STDOUT, text.encode())
+    _common_log(msg, "scaling")
 
 
 # ---------------------------------------------------------------------------------------------

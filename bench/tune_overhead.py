@@ -76,29 +76,13 @@ from pathlib import Path
 # output: stdout carries exactly one JSON object
 
 
-_REAL_STDOUT: int | None = None
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import capture_stdout, emit  # noqa: E402
+from _common import log as _common_log  # noqa: E402
 
 
 def log(msg: str) -> None:
-    sys.stderr.write(f"[tune-overhead {time.strftime('%H:%M:%S')}] {msg}\n")
-    sys.stderr.flush()
-
-
-def capture_stdout() -> None:
-    """Send fd 1 (Ray's forwarded worker output, the sweep's progress lines) to stderr."""
-    global _REAL_STDOUT
-    sys.stdout.flush()
-    _REAL_STDOUT = os.dup(1)
-    os.dup2(2, 1)
-
-
-def emit(obj: dict) -> None:
-    text = json.dumps(obj, indent=1, default=str) + "\n"
-    sys.stdout.flush()
-    if _REAL_STDOUT is None:
-        sys.stdout.write(text)
-        return
-    os.write(_REAL_STDOUT, text.encode())
+    _common_log(msg, "tune-overhead")
 
 
 # ---------------------------------------------------------------------------------------------

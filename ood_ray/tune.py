@@ -379,7 +379,7 @@ class SweepRecorder(tune.Callback):
         if not force and self.down_since is not None and time.monotonic() - self.down_since < self.retry_after_s:
             return False
         try:
-            for tid in sorted(set(self.pending) | set(self.ends)):
+            for tid in sorted(set(self.pending) | set(self.ends) | (set(self.configs) - set(self.runs))):  # new trials get their run at once
                 self._sync_trial(tid)
         except Exception as e:  # noqa: BLE001 - an MLflow outage must not stop the training
             self.failed_writes += 1
