@@ -54,9 +54,10 @@ def config_from_args(ns: argparse.Namespace, defaults: dict | None = None) -> Tr
     return TrainConfig.from_dict({**(defaults or {}), **overrides}, where="command line")
 
 
-#: Defaults of ``ood-ray tune`` where they differ from ``ood-ray train``: shorter trials, half-CPU
-#: workers (a trial fits on a 2-core laptop), δ set on val ID at 95% acceptance, an accuracy guard.
-TUNE_DEFAULTS = {"epochs": 8, "cpus_per_worker": 0.5, "delta_tpr": 0.95, "min_val_acc": 0.9}
+#: Defaults of ``ood-ray tune`` where they differ from ``ood-ray train``: shorter trials of one
+#: worker each, which train inside their Tune trial (no Ray Train run to start per trial) and run
+#: one per CPU (two at a time on a 2-core laptop), δ set on val ID at 95% acceptance, an accuracy guard.
+TUNE_DEFAULTS = {"epochs": 8, "num_workers": 1, "cpus_per_worker": 1.0, "delta_tpr": 0.95, "min_val_acc": 0.9}
 
 
 def cmd_tune(ns: argparse.Namespace) -> int:
@@ -73,6 +74,7 @@ def cmd_tune(ns: argparse.Namespace) -> int:
         num_trials=ns.num_trials,
         gpus_per_worker=ns.gpus_per_worker,
         trial_cpus=ns.trial_cpus,
+        trial_runner=ns.trial_runner,
         concurrency=ns.concurrency,
         name=ns.name,
         seed=ns.sweep_seed,
@@ -235,7 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(tu)
     tu.add_argument("--num-trials", type=int, default=8, help="Optuna trials (the first is the untuned default configuration)")
     tu.add_argument("--gpus-per-worker", type=float, help="GPUs per Train worker (default: 1 if the cluster has GPUs, else 0)")
-    tu.add_argument("--trial-cpus", type=float, default=0.5, help="CPUs of each trial's driver process")
+    tu.add_argument("--trial-cpus", type=float, default=0.5, help="CPUs of each trial's driver process when it runs a TorchTrainer (--trial-runner train)")
+    tu.add_argument(
+        "--trial-runner",
+        choices=("auto", "tune", "train"),
+        default="auto",
+        help="where a trial trains: tune = in its Tune trial process (one worker; no Ray Train run to start), "
+        "train = a Ray Train TorchTrainer (any number of workers); auto (default) = tune when --num-workers is 1",
+    )
     tu.add_argument("--concurrency", type=int, help="trials at once (default: as many as the cluster's resources allow)")
     tu.add_argument("--name", help="sweep name (default: <method>-sweep-<time>); names the Tune folder and the MLflow parent run")
     tu.add_argument("--resume", action="store_true", help="continue an interrupted sweep (--name, or the latest sweep of the method)")

@@ -218,6 +218,16 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
+@contextlib.contextmanager
+def checkpoint_folder(ckpt):
+    """``(folder, path)`` of a Ray checkpoint to resume from, or ``(None, None)``."""
+    if ckpt is None:
+        yield None, None
+        return
+    with ckpt.as_directory() as d:
+        yield d, ckpt.path
+
+
 class RayWorker:
     """The loop's view of a Ray Train worker: rank, world, device, checkpoints and reports."""
 
@@ -229,19 +239,40 @@ class RayWorker:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP when world > 1
 
-    @contextlib.contextmanager
     def resume_from(self):
         """The latest checkpoint folder of this run (after a restart), or None."""
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            yield None, None
-            return
-        with ckpt.as_directory() as d:
-            yield d, ckpt.path
+        return checkpoint_folder(ray.train.get_checkpoint())
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class TuneWorker:
+    """The loop inside a Ray Tune trial (one-worker trials): world 1, Tune's checkpoints and reports.
+
+    No Train controller, worker group or process group is started. Tune persists each epoch's
+    checkpoint in the trial's folder, restarts a failed trial from its latest one
+    (``FailureConfig``) and restores unfinished trials on ``--resume``: ``tune.get_checkpoint``
+    then returns it, exactly as ``ray.train.get_checkpoint`` does for a Train worker.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.rank, self.world, self.device = 0, 1, torch.device(device)
+        logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def resume_from(self):
+        from ray import tune
+
+        return checkpoint_folder(tune.get_checkpoint())
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        from ray import tune
+
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
 
 class LocalWorker:

@@ -60,7 +60,8 @@ class SweepConfig:
     base: TrainConfig = field(default_factory=TrainConfig)  # backbone, data, epochs, batch size...
     num_trials: int = 8
     gpus_per_worker: float | None = None  # None = 1 when the cluster has GPUs, else 0
-    trial_cpus: float = 0.5  # the Tune trial driver (the Train controller itself takes none)
+    trial_cpus: float = 0.5  # the Tune trial driver of a "train" trial (the Train controller takes none)
+    trial_runner: str = "auto"  # "tune": the loop runs in the Tune trial; "train": a TorchTrainer; auto: tune iff 1 worker
     concurrency: int | None = None  # None = as many trials as the cluster's resources allow
     name: str | None = None  # sweep name: Tune experiment folder and MLflow parent run
     seed: int = 0
@@ -119,7 +120,18 @@ class SweepConfig:
             bad("reduction_factor", "must be > 1")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             bad("name", "use letters, digits, '.', '_' and '-' (it names a folder)")
+        if self.trial_runner not in ("auto", "tune", "train"):
+            bad("trial_runner", "choose auto, tune (the loop in the Tune trial, one worker) or train (a Ray Train TorchTrainer)")
+        if self.trial_runner == "tune" and self.base.num_workers != 1:
+            bad("trial_runner", f"'tune' runs the loop in the trial itself, so it needs num_workers=1 (got {self.base.num_workers})")
         return self
+
+    @property
+    def runner(self) -> str:
+        """How each trial trains: ``tune`` (in the trial's own process) or ``train`` (TorchTrainer)."""
+        if self.trial_runner != "auto":
+            return self.trial_runner
+        return "tune" if self.base.num_workers == 1 else "train"
 
     @property
     def storage_path(self) -> str:
@@ -229,19 +241,32 @@ def trial_config(config: dict) -> TrainConfig:
 
 
 def run_trial(config: dict, benchmark: dict | None = None) -> None:
-    """Tune trainable: one Ray Train run; its reports reach Tune through TuneReportCallback.
+    """Tune trainable: one trial, trained in this process or by a Ray Train run.
+
+    ``config["runner"] == "tune"`` (one-worker trials): the training loop runs right here with a
+    ``TuneWorker``; every epoch is one ``tune.report`` with its checkpoint, and Tune's
+    ``FailureConfig`` and ``--resume`` restart the trial from that checkpoint. Otherwise a
+    ``TorchTrainer`` runs the loop on ``num_workers`` Train workers and its reports reach Tune
+    through ``TuneReportCallback``. Both paths run the same ``train.train_loop``.
 
     ``benchmark`` is the sweep driver's ``Benchmark.to_spec()``, passed with ``tune.with_parameters``
     (through the object store, not the trial config), so no node but the driver's reads benchmark.json.
     """
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from .data.manifest import Benchmark
-    from .train import make_trainer
 
     cfg = trial_config(config)
-    trial_id = tune.get_context().get_trial_id()
     bench = Benchmark.from_spec(benchmark) if benchmark else None
+    if config.get("runner", "train") == "tune":
+        from .train import TuneWorker, train_loop
+
+        train_loop(cfg, TuneWorker("cuda" if config["gpus_per_worker"] > 0 else "cpu"), bench)
+        return
+
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .train import make_trainer
+
+    trial_id = tune.get_context().get_trial_id()
     trainer = make_trainer(cfg, f"{config['sweep_name']}-{trial_id}", [TuneReportCallback()], gpus_per_worker=config["gpus_per_worker"], bench=bench)
     trainer.fit()
     wait_for_forwarded_reports()
@@ -319,8 +344,9 @@ class SweepRecorder(tune.Callback):
         self.configs[tid] = trial.config
         if epoch > self.logged.get(tid, 0):
             metrics = {k: v for k, v in result.items() if self.is_metric(k)}
-            if "checkpoint_path" in result:
-                metrics["ood_ray.checkpoint"] = result["checkpoint_path"]
+            ckpt = checkpoint_of(result, trial.path)
+            if ckpt:
+                metrics["ood_ray.checkpoint"] = ckpt
             self.pending.setdefault(tid, {})[epoch] = metrics
         self.sync()
         if result.get("diverged"):
@@ -355,8 +381,9 @@ class SweepRecorder(tune.Callback):
                 if epoch <= 0:
                     continue
                 metrics = {k: v for k, v in row.items() if self.is_metric(k) and isinstance(v, int | float) and math.isfinite(v)}
-                if isinstance(row.get("checkpoint_path"), str):
-                    metrics["ood_ray.checkpoint"] = row["checkpoint_path"]
+                ckpt = checkpoint_of(row, result.path)
+                if ckpt:
+                    metrics["ood_ray.checkpoint"] = ckpt
                 self.pending.setdefault(tid, {})[epoch] = metrics
             m = result.metrics or {}
             if result.error:
@@ -457,6 +484,16 @@ def end_of(last: dict, epochs: int) -> tuple[str, str]:
     return "FINISHED", "completed"
 
 
+def checkpoint_of(report: dict, trial_path: str) -> str | None:
+    """Where a report's checkpoint lies: the Ray Train run's own path (``checkpoint_path``, a
+    "train" trial) or the checkpoint folder Tune wrote in the trial's folder (a "tune" trial)."""
+    path = report.get("checkpoint_path")
+    if isinstance(path, str):
+        return path
+    name = report.get("checkpoint_dir_name")
+    return f"{trial_path.rstrip('/')}/{name}" if isinstance(name, str) and name else None
+
+
 def trial_id_of(result) -> str:
     tid = (result.metrics or {}).get("trial_id")
     return tid or Path(result.path).name.removeprefix("trial_")
@@ -496,11 +533,20 @@ class SweepOutcome:
 
 
 def resources_per_trial(sweep: SweepConfig, gpus_per_worker: float) -> dict:
+    """What one trial holds: its worker(s), plus the trial driver when a TorchTrainer runs them."""
     base = sweep.base
+    driver = sweep.trial_cpus if sweep.runner == "train" else 0.0  # a "tune" trial is its own worker
     return {
-        "CPU": sweep.trial_cpus + base.num_workers * base.cpus_per_worker,
+        "CPU": driver + base.num_workers * base.cpus_per_worker,
         "GPU": base.num_workers * gpus_per_worker,
     }
+
+
+def trial_resources(sweep: SweepConfig, gpus_per_worker: float) -> dict:
+    """The Tune trial actor's own resources (a TorchTrainer's workers reserve theirs separately)."""
+    if sweep.runner == "tune":
+        return {"CPU": sweep.base.cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker > 0 else {})}
+    return {"CPU": sweep.trial_cpus}
 
 
 def plan_concurrency(sweep: SweepConfig, cluster: dict, gpus_per_worker: float) -> int:
@@ -513,8 +559,9 @@ def plan_concurrency(sweep: SweepConfig, cluster: dict, gpus_per_worker: float) 
             f"the cluster has {have_gpu:g}"
         )
     if need["CPU"] > have_cpu:
+        driver = f"trial_cpus={sweep.trial_cpus} + " if sweep.runner == "train" else ""
         raise ConfigError(
-            f"a trial needs {need['CPU']:g} CPUs (trial_cpus={sweep.trial_cpus} + num_workers={sweep.base.num_workers} x "
+            f"a trial needs {need['CPU']:g} CPUs ({driver}num_workers={sweep.base.num_workers} x "
             f"cpus_per_worker={sweep.base.cpus_per_worker}); the cluster has {have_cpu:g}"
         )
     fit = int(have_cpu // need["CPU"])
@@ -568,6 +615,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
     if parent is None:
         parent = client.create_run(exp_id, run_name=name, tags={SWEEP_TAG: name, "ood_ray.kind": "sweep", "ood_ray.method": sweep.method})
         args = {k: v for k, v in sweep.to_dict().items() if k != "base"}
+        args["trial_runner"] = sweep.runner  # the path chosen, also when it was "auto"
         client.log_batch(parent.info.run_id, params=tracking.params_of({**args, "base": base.to_dict()}))
         with tempfile.TemporaryDirectory() as tmp:
             Path(tmp, "search_space.json").write_text(json.dumps({"space": space.describe(), "posthoc_grid": METHODS[sweep.method].posthoc_grid()}, indent=2) + "\n")
@@ -584,7 +632,11 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         cluster = ray.cluster_resources()
         gpus = sweep.gpus_per_worker if sweep.gpus_per_worker is not None else (1.0 if cluster.get("GPU", 0) > 0 else 0.0)
         concurrency = plan_concurrency(sweep, cluster, gpus)
-        say(f"{sweep.num_trials} trials of {base.epochs} epochs, {base.num_workers} workers each, {concurrency} at a time")
+        how = "automatic" if sweep.trial_runner == "auto" else "--trial-runner"
+        if sweep.runner == "tune":
+            say(f"{sweep.num_trials} trials of {base.epochs} epochs, {concurrency} at a time; each trains in its Tune trial process (1 worker; {how})")
+        else:
+            say(f"{sweep.num_trials} trials of {base.epochs} epochs, {concurrency} at a time; each runs a Ray Train TorchTrainer with {base.num_workers} workers ({how})")
         metric = objective_metrics(base.objective)
         multi = len(metric) > 1
         points = ([default_point(sweep.method, base)] if sweep.include_default else []) + list(sweep.points_to_evaluate)
@@ -605,7 +657,9 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         # Tune saves its experiment state at most this often (default: >= 10 s); what a killed
         # driver leaves behind is at most this old, so --resume loses at most this much.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-        trainable = tune.with_resources(tune.with_parameters(run_trial, benchmark=bench.to_spec()), {"CPU": sweep.trial_cpus})
+        trainable = tune.with_resources(tune.with_parameters(run_trial, benchmark=bench.to_spec()), trial_resources(sweep, gpus))
+        # A "tune" trial is its own worker, so the worker retries (max_failures) are Tune's to make.
+        retries = max(sweep.max_trial_failures, base.max_failures) if sweep.runner == "tune" else sweep.max_trial_failures
         recorder = SweepRecorder(base.mlflow_uri, exp_id, parent_id, name, base.epochs, sweep.num_trials)
         if sweep.resume:
             say(f"resuming sweep {name!r} from {exp_path}")
@@ -613,7 +667,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         else:
             tuner = tune.Tuner(
                 trainable,
-                param_space={"base": base.to_dict(), "sweep_name": name, "gpus_per_worker": gpus},
+                param_space={"base": base.to_dict(), "sweep_name": name, "gpus_per_worker": gpus, "runner": sweep.runner},
                 tune_config=tune.TuneConfig(
                     num_samples=sweep.num_trials, search_alg=searcher, scheduler=scheduler, max_concurrent_trials=concurrency, trial_dirname_creator=trial_dirname,
                     # A finished trial's actor (its process, torch and ood_ray imported) runs the next
@@ -625,7 +679,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
                     name=name,
                     storage_path=base.storage_path,
                     callbacks=[recorder],
-                    failure_config=tune.FailureConfig(max_failures=sweep.max_trial_failures),
+                    failure_config=tune.FailureConfig(max_failures=retries),
                     verbose=0,
                 ),
             )
@@ -690,7 +744,7 @@ def summarize(result) -> dict:
         "objective": m.get("objective"),
         "val_acc": m.get("val_acc"),
         "val_auroc": m.get("val_auroc"),
-        "checkpoint": m.get("checkpoint_path"),
+        "checkpoint": checkpoint_of(m, result.path),
         "config": cfg.to_dict() if cfg else None,
         "metrics": {k: v for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)},
         "error": str(result.error)[:2000] if result.error else m.get("diverged"),
@@ -725,8 +779,13 @@ def finish_sweep(sweep: SweepConfig, grid, client: MlflowClient, parent_id: str,
     say(f"best trial {best['trial_id']}: objective {best['objective']:.4f} (val_acc {best['val_acc']:.4f}, val_auroc {best['val_auroc']:.4f})")
     if default is not None and default["objective"] is not None:
         say(f"untuned default trial {default['trial_id']}: objective {default['objective']:.4f}")
-    say("evaluating the best trial on the test split")
-    evaluation = ray.get(evaluate_remote.options(num_cpus=sweep.trial_cpus, num_gpus=min(gpus, 1.0)).remote(best["checkpoint"], base.eval_batch_size))
+    if gpus > 0:  # on a GPU of the cluster: the driver's node may have none
+        say("evaluating the best trial on the test split (a Ray task with a GPU)")
+        task = ray.remote(evaluate_checkpoint).options(num_cpus=sweep.trial_cpus, num_gpus=min(gpus, 1.0))
+        evaluation = ray.get(task.remote(best["checkpoint"], base.eval_batch_size))
+    else:  # CPU only: every trial has ended, so this process may use the CPUs (no process to start)
+        say("evaluating the best trial on the test split")
+        evaluation = evaluate_checkpoint(best["checkpoint"], base.eval_batch_size)
     test_metrics = evaluation["test"]
     artifacts = write_artifacts(sweep, client, parent_id, trials, best, default, evaluation)
     model_uri = None
@@ -775,15 +834,13 @@ def log_best_model(client: MlflowClient, run_id: str, checkpoint_path: str, regi
     return uri
 
 
-@ray.remote
-def evaluate_remote(checkpoint_path: str, batch_size: int) -> dict:
+def evaluate_checkpoint(checkpoint_path: str, batch_size: int) -> dict:
     """Test metrics of a checkpoint (single process) and the arrays the plots need."""
     import torch
 
     from .evaluate import collect, metrics_of, score_split
     from .train import load_benchmark, model_from_checkpoint
 
-    torch.set_num_threads(1)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU when the task was given one
     with ray.train.Checkpoint(checkpoint_path).as_directory() as d:
         model, meta, cfg = model_from_checkpoint(d)

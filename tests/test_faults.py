@@ -20,7 +20,7 @@ import optuna
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
-from test_tune import child_runs, make_sweep
+from test_tune import RUNNERS, child_runs, make_sweep
 
 from ood_ray import tracking
 from ood_ray.tune import SweepRecorder, run_sweep
@@ -45,9 +45,15 @@ def epochs_logged(client: MlflowClient, experiment: str) -> dict[str, float]:
     return {r.data.tags["ood_ray.trial_id"]: r.data.metrics.get("epoch", 0) for r in runs}
 
 
-def test_nan_trial_fails_with_its_reason_and_killed_worker_resumes(ray_session, digits_ood, tmp_path):
-    """Trial 1 diverges (lr 1e5): FAILED with the reason, sweep goes on. Trial 2 loses its Train
-    worker to SIGKILL mid-epoch: it resumes from its checkpoint and logs each epoch exactly once."""
+#: The process that trains: a Ray Train worker, or the Tune trial actor itself (Tune's class name).
+TRAINING_ACTOR = {"train": "RayTrainWorker", "tune": "ImplicitFunc"}
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_nan_trial_fails_with_its_reason_and_killed_worker_resumes(ray_session, digits_ood, tmp_path, runner):
+    """Trial 1 diverges (lr 1e5): FAILED with the reason, sweep goes on. Trial 2 loses its training
+    process (Train worker or Tune trial) to SIGKILL mid-epoch: it resumes from its checkpoint (Ray
+    Train's retry, or Tune's FailureConfig) and logs each epoch exactly once."""
     from ray.util.state import list_actors
 
     sweep = make_sweep(
@@ -59,6 +65,7 @@ def test_nan_trial_fails_with_its_reason_and_killed_worker_resumes(ray_session, 
         asha=False,
         concurrency=1,
         points_to_evaluate=[{"lr": 1e5, "weight_decay": 1e-5}, {"lr": 0.05, "weight_decay": 5e-4}],
+        trial_runner=runner,
     )
     client = MlflowClient(sweep.base.mlflow_uri)
     killed = {}
@@ -71,7 +78,7 @@ def test_nan_trial_fails_with_its_reason_and_killed_worker_resumes(ray_session, 
             return any(r.data.metrics.get("epoch", 0) >= 1 for r in runs)
 
         wait_for(running_with_epoch, 300, "an epoch of the second trial")
-        alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+        alive = [("class_name", "=", TRAINING_ACTOR[runner]), ("state", "=", "ALIVE")]
         # the state API may still list the first trial's finished worker as ALIVE: skip dead pids
         for actor in list_actors(address=ray_session.get_runtime_context().gcs_address, filters=alive):
             if actor.pid and psutil.pid_exists(actor.pid):
@@ -122,7 +129,8 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def test_mlflow_server_down_mid_sweep_then_relogged_on_resume(ray_session, digits_ood, tmp_path, monkeypatch):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_mlflow_server_down_mid_sweep_then_relogged_on_resume(ray_session, digits_ood, tmp_path, monkeypatch, runner):
     """The tracking server dies after the first logged epoch: training finishes, the job says how to
     re-log, and ``--resume`` after the server is back logs every missing epoch without retraining."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -132,7 +140,8 @@ def test_mlflow_server_down_mid_sweep_then_relogged_on_resume(ray_session, digit
     uri = f"http://127.0.0.1:{port}"
     db, artifacts, log = tmp_path / "server.db", tmp_path / "artifacts", tmp_path / "server.log"
     server = start_mlflow_server(db, artifacts, port, log)
-    sweep = make_sweep(tmp_path, digits_ood, "softmax", base={"mlflow_uri": uri}, asha=False, concurrency=1, name="outage")
+    sweep = make_sweep(tmp_path, digits_ood, "softmax", base={"mlflow_uri": uri}, asha=False, concurrency=1, name="outage", trial_runner=runner)
+    checkpoints = "outage-*/checkpoint_*" if runner == "train" else "outage/trial_*/checkpoint_*"
     client = MlflowClient(uri)
 
     def kill_server_after_first_epoch():
@@ -153,12 +162,13 @@ def test_mlflow_server_down_mid_sweep_then_relogged_on_resume(ray_session, digit
         for d in trial_dirs:
             epochs = [json.loads(line)["epoch"] for line in (d / "result.json").read_text().splitlines() if line.strip()]
             assert epochs == [1, 2], (d, epochs)
-        checkpoints_before = sorted(p.name for p in (tmp_path / "ray").glob("outage-*/checkpoint_*"))
+        checkpoints_before = sorted(str(p) for p in (tmp_path / "ray").glob(checkpoints))
+        assert len(checkpoints_before) == 4  # two per trial
 
         server = start_mlflow_server(db, artifacts, port, log)
-        resumed = make_sweep(tmp_path, digits_ood, "softmax", base={"mlflow_uri": uri}, asha=False, concurrency=1, name="outage", resume=True)
+        resumed = make_sweep(tmp_path, digits_ood, "softmax", base={"mlflow_uri": uri}, asha=False, concurrency=1, name="outage", resume=True, trial_runner=runner)
         out = run_sweep(resumed)
-        assert sorted(p.name for p in (tmp_path / "ray").glob("outage-*/checkpoint_*")) == checkpoints_before  # no retraining
+        assert sorted(str(p) for p in (tmp_path / "ray").glob(checkpoints)) == checkpoints_before  # no retraining
         children = child_runs(uri, out.parent_run_id)
         assert len(children) == 2
         for r in children:

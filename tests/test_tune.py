@@ -82,6 +82,16 @@ def test_sweep_config_errors_name_the_value(digits_ood, tmp_path):
     assert plan_concurrency(sweep, {"CPU": 64, "GPU": 8}, 1) == 2  # capped by num_trials=2
     sweep.num_trials = 10
     assert plan_concurrency(sweep, {"CPU": 64, "GPU": 8}, 1) == 4  # 8 GPUs / 2 per trial
+    with pytest.raises(ConfigError, match="trial_runner='tune'.*needs num_workers=1"):
+        make_sweep(tmp_path, digits_ood, "dismax", base={"num_workers": 2}, trial_runner="tune").validate()
+    with pytest.raises(ConfigError, match="trial_runner='ray'"):
+        make_sweep(tmp_path, digits_ood, "dismax", trial_runner="ray").validate()
+    # one worker: the trial is its own worker (no trial driver CPUs on top)
+    one = make_sweep(tmp_path, digits_ood, "dismax", num_trials=8, base={"cpus_per_worker": 1.0}).validate()
+    assert one.runner == "tune" and plan_concurrency(one, {"CPU": 2}, 0) == 2
+    assert make_sweep(tmp_path, digits_ood, "dismax", num_trials=8, trial_runner="train", base={"cpus_per_worker": 1.0}).validate().runner == "train"
+    with pytest.raises(ConfigError, match=r"a trial needs 3 CPUs \(num_workers=1 x cpus_per_worker=3.0\)"):
+        plan_concurrency(make_sweep(tmp_path, digits_ood, "dismax", base={"cpus_per_worker": 3.0}).validate(), {"CPU": 2}, 0)
 
 
 def test_cli_tune_rejects_bad_input(tmp_path, capsys):
@@ -95,14 +105,20 @@ def test_cli_tune_rejects_bad_input(tmp_path, capsys):
     assert "delta=2 must lie in [0, 1]" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["dismax", "outlier_exposure", "confidence"])
-def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method):
-    register = f"t-{method}" if method == "dismax" else ""
+#: Both ways a trial trains: "tune" (the loop in the Tune trial, automatic for one worker) and
+#: "train" (a Ray Train TorchTrainer, forced here with one worker to keep the suite short).
+RUNNERS = ["tune", "train"]
+
+
+@pytest.mark.parametrize(("method", "runner"), [("dismax", "tune"), ("dismax", "train"), ("outlier_exposure", "tune"), ("confidence", "train")])
+def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method, runner):
+    register = f"t-{method}-{runner}" if method == "dismax" else ""
     objective = "acc+auroc" if method == "confidence" else "auroc"  # multi-objective: a Pareto front
-    sweep = make_sweep(tmp_path, digits_ood, method, register_name=register, base={"objective": objective})
+    sweep = make_sweep(tmp_path, digits_ood, method, register_name=register, base={"objective": objective}, trial_runner="auto" if runner == "tune" else runner)
     out = run_sweep(sweep)
     uri = sweep.base.mlflow_uri
     client = MlflowClient(uri)
+    assert sweep.runner == runner
 
     # every trial trained on val data only; the test split reached only the parent, after the choice
     assert len(out.trials) == 2 and out.default is not None
@@ -120,6 +136,7 @@ def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method):
 
     parent = client.get_run(out.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.params["method"] == method and parent.data.params["num_trials"] == "2"
+    assert parent.data.params["trial_runner"] == runner  # the path taken is recorded, "auto" resolved
     assert parent.data.metrics["best_objective"] == pytest.approx(out.best["objective"])
     assert parent.data.metrics["best_test_auroc"] == pytest.approx(out.test_metrics["test_auroc"])
     assert "default_objective" in parent.data.metrics
@@ -135,6 +152,7 @@ def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method):
         assert epochs == sorted(set(epochs)) and epochs[0] == 1, epochs  # one continuous history
         if r.data.tags["ood_ray.outcome"] == "completed":
             assert r.info.status == "FINISHED" and epochs == [1, 2] and "ood_ray.checkpoint" in r.data.tags
+            assert Path(r.data.tags["ood_ray.checkpoint"], "model.json").is_file()
 
     # the Optuna study persisted, with the trials' final objectives
     study = optuna.load_study(study_name=out.name, storage=sweep.optuna_url(out.name))
@@ -148,6 +166,8 @@ def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method):
     # post-hoc choices are part of the result and of the checkpoint
     chosen = json.loads(Path(out.best["checkpoint"], "model.json").read_text())
     assert chosen["delta"] == pytest.approx(out.best["metrics"]["chosen_delta"])
+    # where the checkpoint lives tells the path: a Train run's folder, or the Tune trial's own
+    assert (Path(out.best["checkpoint"]).parent.name == f"trial_{out.best['trial_id']}") == (runner == "tune")
     if method == "confidence":
         assert out.best["metrics"]["posthoc_candidates"] == 6
         assert chosen["method_params"]["epsilon"] == pytest.approx(out.best["metrics"]["chosen_epsilon"])
@@ -162,7 +182,8 @@ def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method):
         assert pred["delta"].iloc[0] == pytest.approx(chosen["delta"])
 
 
-def test_asha_stops_a_bad_trial(ray_session, digits_ood, tmp_path):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_asha_stops_a_bad_trial(ray_session, digits_ood, tmp_path, runner):
     # default (lr 0.05) first, then a trial that cannot learn in one epoch; the accuracy guard makes
     # the objective rank them by accuracy, so ASHA stops the second at its first rung
     sweep = make_sweep(
@@ -171,6 +192,7 @@ def test_asha_stops_a_bad_trial(ray_session, digits_ood, tmp_path):
         "dismax",
         base={"epochs": 3, "min_val_acc": 0.999},
         concurrency=1,
+        trial_runner=runner,
         points_to_evaluate=[{"lr": 0.005, "weight_decay": 1e-5, "alpha": 0.0, "entropic_scale": 1.0}],
     )
     out = run_sweep(sweep)
@@ -181,10 +203,11 @@ def test_asha_stops_a_bad_trial(ray_session, digits_ood, tmp_path):
     assert MlflowClient(sweep.base.mlflow_uri).get_run(out.parent_run_id).data.metrics["trials_stopped_early"] == 1
 
 
-def test_resume_after_the_driver_is_killed(ray_session, digits_ood, tmp_path):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_resume_after_the_driver_is_killed(ray_session, digits_ood, tmp_path, runner):
     """Kill the sweep's driver after its first trial; --resume finishes without rerunning it."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["--method", "softmax", "--name", "rs", "--num-trials", "3", "--epochs", "2", "--num-workers", "1", "--concurrency", "1", "--data", str(digits_ood), "--storage-path", str(tmp_path / "ray"), "--mlflow-uri", uri, "--experiment", "sweeps", "--register-name", "", "--no-asha"]
+    args = ["--method", "softmax", "--name", "rs", "--num-trials", "3", "--epochs", "2", "--num-workers", "1", "--cpus-per-worker", "0.5", "--concurrency", "1", "--data", str(digits_ood), "--storage-path", str(tmp_path / "ray"), "--mlflow-uri", uri, "--experiment", "sweeps", "--register-name", "", "--no-asha", "--trial-runner", runner]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "ood_ray.cli", "tune", *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -204,7 +227,8 @@ def test_resume_after_the_driver_is_killed(ray_session, digits_ood, tmp_path):
     assert first is not None, (tmp_path / "first.log").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished_dirs = {p.name: sorted(c.name for c in p.glob("checkpoint_*") if c.is_dir()) for p in (tmp_path / "ray").glob("rs-*")}
+    runs_glob = "rs-*" if runner == "train" else "rs/trial_*"  # where each path keeps a trial's checkpoints
+    finished_dirs = {p.name: sorted(c.name for c in p.glob("checkpoint_*") if c.is_dir()) for p in (tmp_path / "ray").glob(runs_glob)}
 
     from ood_ray.cli import main  # the resumed sweep runs in this process
 
@@ -226,14 +250,18 @@ def test_resume_after_the_driver_is_killed(ray_session, digits_ood, tmp_path):
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "epoch")]
         assert steps == [1, 2], (r.data.tags["ood_ray.trial_id"], steps)
     # trials that had finished before the kill were not trained again: no new checkpoints
-    after = {p.name: sorted(c.name for c in p.glob("checkpoint_*") if c.is_dir()) for p in (tmp_path / "ray").glob("rs-*")}
+    after = {p.name: sorted(c.name for c in p.glob("checkpoint_*") if c.is_dir()) for p in (tmp_path / "ray").glob(runs_glob)}
     done_before = [name for name, ck in finished_dirs.items() if len(ck) == 2]
     assert done_before and all(after[name] == finished_dirs[name] for name in done_before), (finished_dirs, after)
 
 
-def test_failed_trial_is_recorded_as_failed(ray_session, digits_ood, tmp_path):
-    # FPR regularization needs a per-worker batch of 2; a global batch of 2 over 2 workers fails
-    sweep = make_sweep(tmp_path, digits_ood, "dismax", num_trials=1, max_trial_failures=0, base={"batch_size": 2, "num_workers": 2, "max_failures": 0})
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_failed_trial_is_recorded_as_failed(ray_session, digits_ood, tmp_path, runner):
+    # FPR regularization needs a per-worker batch of 2: a global batch of 2 over 2 Train workers
+    # fails, and so does a batch of 1 in a "tune" trial
+    base = {"batch_size": 2, "num_workers": 2} if runner == "train" else {"batch_size": 1}
+    sweep = make_sweep(tmp_path, digits_ood, "dismax", num_trials=1, max_trial_failures=0, base={**base, "max_failures": 0})
+    assert sweep.runner == runner
     with pytest.raises(RuntimeError, match="no trial completed all 2 epochs"):
         run_sweep(sweep)
     client = MlflowClient(sweep.base.mlflow_uri)
