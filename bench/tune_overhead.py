@@ -1,39 +1,41 @@
-"""Per-trial overhead of a Ray Tune + Ray Train sweep against the same trials run in-process.
+"""What a sweep costs besides training: Ray Tune [+ Train] against the same trials in-process.
 
-    python bench/tune_overhead.py                      # K=4 trials of 2 epochs, dismax, digits-ood
-    python bench/tune_overhead.py --method softmax     # lighter compute: the overhead stands out
-    # the settings before this benchmark's changes (Ray's 2 s poll, preemption watcher, no reuse):
-    python bench/tune_overhead.py --env RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=2 \
+    python bench/tune_overhead.py                      # every side, K=4 trials of 2 epochs, dismax
+    python bench/tune_overhead.py --sides tune1 seq    # one-worker trials only
+    # the older settings of the Train path (Ray's 2 s poll, preemption watcher, no actor reuse):
+    python bench/tune_overhead.py --sides train2 seq --env RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=2 \
         --env RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1 --tune-config reuse_actors=false
-    # a variant of the Tune side only, against an earlier run's sequential side:
-    python bench/tune_overhead.py --skip-sequential --sequential-from earlier.json --trial-mode inline
 
-Prints ONE JSON object on stdout (everything else, Ray's output included, goes to stderr).
+Prints ONE JSON object on stdout (everything else, Ray's output included, goes to stderr), whose
+``figures`` are the four numbers the sweep path is judged by:
 
-Two sides run the SAME K trial configurations (``--trials`` points drawn once from the sweep's
-search space with a seeded random sampler; same base config, same seeds):
+* ``one_worker_overhead_per_trial_s``: K one-worker trials through ``ood_ray.tune.run_sweep``
+  (``trial_runner="tune"``: the loop runs in the Tune trial itself) against the same K trials in
+  this process (plain Optuna, ``study.optimize`` over ``ood_ray.train.train_local``, the same
+  ``train_loop``), per trial, each side's own measured compute (Σ ``train_time_s`` +
+  ``eval_time_s`` of its reports) taken out first and the sweep's fixed costs excluded;
+* ``two_worker_overhead_per_trial_s``: the same K trials with two workers each
+  (``trial_runner="train"``: a Ray Train ``TorchTrainer`` per trial, each worker half the CPUs);
+* ``fixed_per_sweep_s``: the quickstart sweep's costs outside its trials (driver set-up,
+  ``ray.init`` of a fresh local Ray, Tune start and stop, the MLflow catch-up, the best trial's test
+  evaluation, plots and tables, model logging and registration);
+* ``quickstart_compute_fraction``: ``python jobs/tune_dismax.py`` as the README runs it (the CLI's
+  tune defaults, 8 trials x 8 epochs, ASHA), Σ train + eval time over every trial's reports ÷ the
+  sweep's wall time.
 
-* **sequential**: plain Optuna in this process (``optuna.create_study``, the K points enqueued,
-  ``study.optimize(objective, n_trials=K)``), the objective being ``ood_ray.train.train_local``
-  (the same ``train_loop`` as on Ray Train, one worker, checkpoints copied to a temp folder) and
-  its last report's ``objective``. Imports are done before the clock starts; ``OMP_NUM_THREADS``
-  is set to the worker's CPUs as Ray does for its workers.
-* **tune**: ``ood_ray.tune.run_sweep`` (real Ray Tune + Ray Train, OptunaSearch, MLflow in a temp
-  sqlite file) with ``points_to_evaluate`` = the same K points, ``include_default=False``,
-  ``asha=False``, ``concurrency=1``, ``num_workers=1``, ``register_name=""``. Its wall time runs
-  from the ``run_sweep`` call to its return (``ray.init`` and the final evaluation included).
+The overhead sides run the SAME K configurations (``--trials`` points drawn once from the sweep's
+search space with a seeded random sampler; same base config and seeds; ASHA off; concurrency 1;
+nothing registered). Sides run in the order given by ``--sides`` (default: quickstart first, on a
+fresh Ray, as a user's first sweep; then the one-worker, two-worker and in-process sides).
 
-Reported: both wall times, the per-trial compute (sum of the reports' ``train_time_s`` +
-``eval_time_s``), ``overhead_per_trial_s = (tune wall - sequential wall) / K`` (all costs, the
-fixed ones spread over K), ``overhead_per_trial_excl_fixed_s`` (the same without the sweep's fixed
-costs: driver set-up, ``ray.init``, Tune start/stop, catch-up, final evaluation and model logging),
-the ``..._compute_adjusted`` variants (each side's own measured compute taken out first: on a
-shared machine the two sides' compute differs run to run), the ratio, and a breakdown measured
-from timestamps, written by light instrumentation (``--no-instrument``: totals only):
+A breakdown per side is measured from timestamps written by light instrumentation
+(``--no-instrument``: totals only):
 
-* in the driver: ``ensure_ray``, ``Tuner.fit``, ``finish_sweep`` and its parts, and the
-  ``SweepRecorder`` hooks (time Tune saw each trial start/report/end, and MLflow write time);
-* in each trial actor: process creation time, entry of the trainable, its imports, ``fit()``;
+* in the driver: ``ensure_ray``, ``Tuner.fit``, ``finish_sweep`` and its parts (test evaluation,
+  artifacts, model logging), and the ``SweepRecorder`` hooks (when Tune saw each trial
+  start/report/end, and MLflow write time);
+* in each trial actor: process creation time, entry of the trainable, its imports, its reports
+  (one-worker trials), ``fit()`` (two-worker trials);
 * in each Train controller (an extra internal callback): controller start, worker-group start
   (placement group + worker actors, then train context + torch process group + callbacks),
   train-fn launch, each report reaching the controller, worker-group shutdown, controller end;
@@ -46,17 +48,10 @@ wall time on a shared machine, and it counts the processes each trial starts.
 
 Variants: ``--env K=V`` (set before Ray starts; every local Ray process inherits it),
 ``--tune-config K=V`` (a keyword of run_sweep's ``tune.TuneConfig``, e.g. ``reuse_actors=true``),
-``--concurrency``, and ``--trial-mode inline``: a PROTOTYPE trainable (defined here, not in the
-package) that runs ``train_loop`` inside the Tune trial actor and reports with ``tune.report``: no
-Ray Train controller, worker group or helper actors per trial (what a < 5 s overhead needs; no
-resume, one worker only).
+``--concurrency``, ``--sequential-from`` (an earlier run's in-process side).
 
-Target (spec): overhead per trial < 5 s. Previously measured (older code): ~20.8 s in-trial + 6.0 s
-between trials against 6.4 s compute per trial. What a trial of ``run_sweep`` costs besides
-compute is process start-up: per trial Ray Tune + Train start a trial actor, Tune's queue actor,
-a Train controller, a placement-group cleaner, a dataset manager, a synchronization actor, the
-worker(s) (and a preemption watcher where enabled), each a fresh Python process importing Ray
-(and torch for the trial actor, controller and workers), mostly one after another.
+Targets: one-worker trials <= 3 s overhead per trial, two-worker trials <= 10 s, fixed per-sweep
+cost <= 12 s, quickstart compute fraction >= 0.5 on 2 cores.
 """
 
 from __future__ import annotations
@@ -190,7 +185,19 @@ def timed_run_trial(config: dict, **params) -> None:
     import ood_ray.tune as otu
 
     rec("trial_imported", trial=tid, dur=time.time() - t0)
-    if not hasattr(otr, "_bench_orig_loop"):  # once per process (the actor may be reused)
+    if config.get("runner") == "tune":  # the loop runs right here: time its reports
+        run = f"{config['sweep_name']}-{tid}"
+        if not hasattr(otr.TuneWorker, "_bench_orig_report"):
+            otr.TuneWorker._bench_orig_report = otr.TuneWorker.report
+
+        def report(self, metrics, checkpoint_dir):
+            rec("worker_report_call", run=run, epoch=metrics.get("epoch"), train_time_s=metrics.get("train_time_s"), eval_time_s=metrics.get("eval_time_s"), rank=0)
+            otr.TuneWorker._bench_orig_report(self, metrics, checkpoint_dir)
+            rec("worker_report_return", run=run, epoch=metrics.get("epoch"), rank=0)
+
+        otr.TuneWorker.report = report
+        rec("worker_imported", run=run, dur=0.0)
+    elif not hasattr(otr, "_bench_orig_loop"):  # once per process (the actor may be reused)
         otr._bench_orig_loop = otr.train_loop_per_worker
         otr.train_loop_per_worker = timed_train_loop_per_worker
         orig_make = otr.make_trainer
@@ -214,68 +221,6 @@ def timed_run_trial(config: dict, **params) -> None:
     rec("trial_exit", trial=tid, **proc_info())
 
 
-class InlineWorker:
-    """Prototype (``--trial-mode inline``): ``train_loop``'s worker interface inside the Tune trial
-    actor itself, reporting to Tune directly: no Train controller, worker group or helper actors.
-    Checkpoints are copied where Ray Train would put them and passed as ``checkpoint_path``."""
-
-    def __init__(self, run_dir: str, device: str = "cpu"):
-        import torch
-
-        self.rank, self.world, self.device = 0, 1, torch.device(device)
-        self.run_dir = run_dir
-        self.n = 0
-
-    def prepare(self, model):
-        return model.to(self.device)
-
-    @contextlib.contextmanager
-    def resume_from(self):
-        yield None, None
-
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        import shutil
-
-        from ray import tune
-
-        if checkpoint_dir:
-            dest = os.path.join(self.run_dir, f"checkpoint_{self.n:06d}")
-            shutil.copytree(checkpoint_dir, dest)
-            metrics = {**metrics, "checkpoint_path": dest}
-        self.n += 1
-        tune.report(metrics)
-
-
-def inline_run_trial(config: dict, benchmark: dict | None = None, **_) -> None:
-    """Prototype trainable: the trial's train_loop runs in this (Tune trial) actor."""
-    t_enter = time.time()
-    from ray import tune
-
-    tid = tune.get_context().get_trial_id()
-    rec("trial_enter", t=t_enter, trial=tid, **proc_info())
-    t0 = time.time()
-    import ood_ray.train as otr
-    import ood_ray.tune as otu
-    from ood_ray.data.manifest import Benchmark
-
-    rec("trial_imported", trial=tid, dur=time.time() - t0)
-    cfg = otu.trial_config(config)
-    spec = benchmark or config.get("benchmark")
-    worker = InlineWorker(os.path.join(cfg.storage_path, f"{config['sweep_name']}-{tid}"), "cuda" if config["gpus_per_worker"] else "cpu")
-    os.makedirs(worker.run_dir, exist_ok=True)
-    orig_report = worker.report
-
-    def report(metrics, checkpoint_dir):
-        rec("worker_report_call", run=f"{config['sweep_name']}-{tid}", epoch=metrics.get("epoch"), train_time_s=metrics.get("train_time_s"), eval_time_s=metrics.get("eval_time_s"), rank=0)
-        orig_report(metrics, checkpoint_dir)
-        rec("worker_report_return", run=f"{config['sweep_name']}-{tid}", epoch=metrics.get("epoch"), rank=0)
-
-    worker.report = report
-    rec("worker_imported", run=f"{config['sweep_name']}-{tid}", dur=0.0)
-    otr.train_loop(cfg, worker, Benchmark.from_spec(spec) if spec else None)
-    rec("trial_exit", trial=tid, **proc_info())
-
-
 def patch_tune_config(overrides: dict) -> None:
     """``--tune-config k=v``: run_sweep's ``tune.TuneConfig(...)`` gets these keyword values."""
     import ray.tune
@@ -288,12 +233,16 @@ def patch_tune_config(overrides: dict) -> None:
     ray.tune.TuneConfig = tune_config
 
 
-def install_driver_instrumentation(trial_mode: str = "train") -> None:
-    """Patch the driver-side functions run_sweep looks up at call time (module globals)."""
+def install_driver_instrumentation() -> None:
+    """Patch the driver-side functions run_sweep looks up at call time (module globals); once."""
     from ray.tune import Tuner
 
     import ood_ray.train as otr
     import ood_ray.tune as otu
+
+    if getattr(otu, "_bench_instrumented", False):
+        return
+    otu._bench_instrumented = True
 
     def timed(mod, attr, ev):
         orig = getattr(mod, attr)
@@ -309,11 +258,12 @@ def install_driver_instrumentation(trial_mode: str = "train") -> None:
 
     timed(otr, "ensure_ray", "ensure_ray")
     timed(otu, "finish_sweep", "finish_sweep")
+    timed(otu, "evaluate_checkpoint", "evaluate_checkpoint")
     timed(otu, "write_artifacts", "write_artifacts")
     timed(otu, "log_best_model", "log_best_model")
     timed(otu, "close_orphans", "close_orphans")
     timed(Tuner, "fit", "tuner_fit")
-    otu.run_trial = inline_run_trial if trial_mode == "inline" else timed_run_trial
+    otu.run_trial = timed_run_trial
     base = otu.SweepRecorder
 
     class TimedRecorder(base):
@@ -434,7 +384,8 @@ def make_points(method: str, base_lr: float, k: int, seed: int) -> list[dict]:
     return points
 
 
-def make_sweep(args, tmp: Path, points: list[dict]):
+def make_sweep(args, tmp: Path, points: list[dict], runner: str, workers: int):
+    """The overhead sweep of one side: the K points, ASHA off, ``workers`` per trial."""
     from ood_ray.config import TrainConfig
     from ood_ray.data.default import ensure_default
     from ood_ray.tune import SweepConfig
@@ -442,8 +393,8 @@ def make_sweep(args, tmp: Path, points: list[dict]):
     base = {
         "data": str(ensure_default()),
         "epochs": args.epochs,
-        "num_workers": 1,
-        "cpus_per_worker": args.cpus_per_worker,
+        "num_workers": workers,
+        "cpus_per_worker": args.cpus_per_worker / workers,  # the same CPUs per trial on every side
         "batch_size": args.batch_size,
         "storage_path": str(tmp / "ray"),
         "mlflow_uri": f"sqlite:///{tmp}/mlflow.db",
@@ -454,15 +405,26 @@ def make_sweep(args, tmp: Path, points: list[dict]):
         method=args.method,
         base=TrainConfig.from_dict(base),
         num_trials=len(points),
-        trial_cpus=args.cpus_per_worker if args.trial_mode == "inline" else args.trial_cpus,
+        trial_cpus=args.trial_cpus,
+        trial_runner=runner,
         concurrency=args.concurrency,
-        name=f"overhead-{time.strftime('%Y%m%d-%H%M%S')}",
+        name=f"overhead-{runner}{workers}-{time.strftime('%Y%m%d-%H%M%S')}",
         seed=args.seed,
         asha=False,
         include_default=False,
         points_to_evaluate=points,
         register_name="",
     ).validate()
+
+
+def quickstart_sweep(tmp: Path):
+    """``python jobs/tune_dismax.py`` as the README runs it: the CLI's tune defaults, its own MLflow."""
+    from ood_ray.cli import TUNE_DEFAULTS
+    from ood_ray.config import TrainConfig
+    from ood_ray.tune import SweepConfig
+
+    base = TrainConfig.from_dict({**TUNE_DEFAULTS, "storage_path": str(tmp / "ray"), "mlflow_uri": f"sqlite:///{tmp}/quickstart.db"})
+    return SweepConfig(method="dismax", base=base, name=f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}").validate()
 
 
 def run_sequential(sweep, points: list[dict], tmp: Path) -> dict:
@@ -495,11 +457,11 @@ def run_sequential(sweep, points: list[dict], tmp: Path) -> dict:
     return {"wall_s": round(wall, 2), "trials": trials}
 
 
-def run_tune(sweep, tmp: Path, instrument: bool, trial_mode: str = "train") -> dict:
+def run_tune(sweep, tmp: Path, instrument: bool) -> dict:
     from ood_ray.tune import run_sweep
 
-    if instrument or trial_mode == "inline":
-        install_driver_instrumentation(trial_mode)
+    if instrument:
+        install_driver_instrumentation()
     sampler = CpuSampler()
     sampler.start()
     rec("run_sweep_begin")
@@ -516,6 +478,7 @@ def run_tune(sweep, tmp: Path, instrument: bool, trial_mode: str = "train") -> d
             {
                 "trial_id": t["trial_id"],
                 "params": {k: t["config"][k] for k in ("lr", "weight_decay")} | t["config"]["method_params"],
+                "epochs": len(rows),
                 "compute_s": round(sum(r["train_time_s"] + r["eval_time_s"] for r in rows), 2),
                 "time_total_s": round(rows[-1]["time_total_s"], 2),
                 "train_images": sum(r["train_images"] for r in rows),
@@ -523,7 +486,7 @@ def run_tune(sweep, tmp: Path, instrument: bool, trial_mode: str = "train") -> d
                 "val_acc": t["val_acc"],
             }
         )
-    return {"wall_s": round(wall, 2), "trials": trials, "cpu_by_role": cpu, "experiment_path": out.experiment_path}
+    return {"wall_s": round(wall, 2), "trials": trials, "cpu_by_role": cpu, "experiment_path": out.experiment_path, "runner": sweep.runner}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,26 +610,58 @@ def breakdown(events: list[dict], trial_ids: list[str], sweep_name: str) -> dict
 # ---------------------------------------------------------------------------------------------
 
 
+SIDES = ("quickstart", "tune1", "train2", "seq")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trials", type=int, default=4, help="K: trials on each side (default 4)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per trial (default 2)")
-    p.add_argument("--method", default="dismax", help="method to sweep (default dismax)")
+    p.add_argument("--trials", type=int, default=4, help="K: trials on each overhead side (default 4)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per trial on the overhead sides (default 2)")
+    p.add_argument("--method", default="dismax", help="method of the overhead sides (default dismax)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (default 32, the TrainConfig default)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Train worker CPUs (= torch threads; default 1)")
-    p.add_argument("--trial-cpus", type=float, default=0.5, help="CPUs of the Tune trial actor (default 0.5, the SweepConfig default)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs of a one-worker trial; a two-worker trial gives each worker half (default 1)")
+    p.add_argument("--trial-cpus", type=float, default=0.5, help="CPUs of a two-worker trial's Tune trial actor (default 0.5, the SweepConfig default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the K points and of the searchers")
-    p.add_argument("--concurrency", type=int, default=1, help="SweepConfig.concurrency: trials at a time (default 1)")
+    p.add_argument("--concurrency", type=int, default=1, help="trials at a time on the overhead sides (default 1)")
+    p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="what to run, in this order (default: all): the README quickstart, K one-worker trials (in the Tune trial), K two-worker trials (TorchTrainer), the K trials in-process")
     p.add_argument("--tune-config", action="append", default=[], metavar="KEY=VALUE", help="override a keyword of run_sweep's tune.TuneConfig (JSON value, e.g. reuse_actors=true); repeatable")
-    p.add_argument("--trial-mode", choices=("train", "inline"), default="train", help="train: run_sweep's own trainable (a TorchTrainer per trial); inline: a PROTOTYPE trainable that runs train_loop inside the Tune trial actor (no Ray Train actors; trial_cpus = cpus_per_worker; no resume)")
-    p.add_argument("--skip-sequential", action="store_true", help="run only the Tune side")
-    p.add_argument("--skip-tune", action="store_true", help="run only the sequential side")
     p.add_argument("--sequential-from", metavar="JSON", help="take the sequential side from an earlier output of this script (same settings) instead of running it")
-    p.add_argument("--tune-first", action="store_true", help="run the Tune side before the sequential one")
     p.add_argument("--no-instrument", action="store_true", help="no timestamps from inside Ray (totals only)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="set an environment variable before Ray starts (repeatable); inherited by every Ray process of the local cluster")
     p.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temp folder, removed)")
     return p.parse_args(argv)
+
+
+def side_summary(side: dict, events_path: str | None, sweep_name: str) -> dict:
+    k = len(side["trials"])
+    out = {
+        "runner": side["runner"],
+        "wall_s": side["wall_s"],
+        "trials": k,
+        "compute_s": round(sum(t["compute_s"] for t in side["trials"]), 2),
+        "compute_per_trial_s": round(statistics.mean(t["compute_s"] for t in side["trials"]), 2),
+        "trial_rows": side["trials"],
+        "cpu_s_by_ray_process_role": side["cpu_by_role"],
+    }
+    if events_path and Path(events_path).exists():
+        events = sorted((json.loads(line) for line in Path(events_path).read_text().splitlines() if line.strip()), key=lambda e: e["t"])
+        order_ids = [e["trial"] for e in events if e["ev"] == "tune_trial_start"]
+        out["breakdown"] = breakdown(events, order_ids, sweep_name)
+        out["fixed_costs_s"] = out["breakdown"]["fixed"]["total_fixed_s"]
+    return out
+
+
+def overhead(side: dict, seq: dict) -> dict:
+    """Per-trial overhead of a Tune side against the in-process side, each side's compute taken out
+    first (on a shared machine the compute itself moves run to run), the fixed costs excluded."""
+    k = side["trials"]
+    seq_other = seq["wall_s"] - sum(t["compute_s"] for t in seq["trials"])
+    tune_other = side["wall_s"] - side["compute_s"]
+    fixed = side.get("fixed_costs_s")
+    out = {"overhead_per_trial_incl_fixed_s": round((tune_other - seq_other) / k, 2)}
+    if fixed is not None:
+        out["overhead_per_trial_s"] = round((tune_other - fixed - seq_other) / k, 2)
+    return out
 
 
 def main(argv=None) -> dict:
@@ -687,65 +682,57 @@ def main(argv=None) -> dict:
         t_imp = time.perf_counter()
         import ray
 
-        import ood_ray.train  # noqa: F401 - imports before the clocks start (both sides)
+        import ood_ray.train  # noqa: F401 - imports before the clocks start (every side)
         import ood_ray.tune  # noqa: F401
 
         import_s = time.perf_counter() - t_imp
         if args.tune_config:
             patch_tune_config({k: json.loads(v) for k, _, v in (kv.partition("=") for kv in args.tune_config)})
         points = make_points(args.method, 0.05, args.trials, args.seed)
-        sweep = make_sweep(args, tmp, points)
-        log(f"{args.trials} trials x {args.epochs} epochs of {args.method}; points: {points}")
+        log(f"sides {args.sides}; overhead sides: {args.trials} trials x {args.epochs} epochs of {args.method}; points: {points}")
         result: dict = {
-            "what": "per-trial overhead of run_sweep (Ray Tune + Train) vs the same trials in-process with plain Optuna",
+            "what": "run_sweep (Ray Tune [+ Train]) against the same trials in-process with plain Optuna; the README quickstart's compute fraction",
             "settings": {k: v for k, v in vars(args).items() if k != "keep"} | {"points": points, "loadavg_1m_at_start": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(), "driver_import_s": round(import_s, 2)},
         }
-        seq = tune_side = None
-        order = ["tune", "seq"] if args.tune_first else ["seq", "tune"]
-        for side in order:
+        sides: dict = {}
+        for side in args.sides:
             try:
-                if side == "seq" and not args.skip_sequential:
+                if side == "seq":
+                    if args.sequential_from:
+                        sides["seq"] = json.loads(Path(args.sequential_from).read_text())["sequential"]
+                        result["sequential_taken_from"] = args.sequential_from
+                        continue
                     log("sequential side (plain Optuna, train_local)")
-                    seq = run_sequential(sweep, points, tmp)
+                    seq = run_sequential(make_sweep(args, tmp, points, "tune", 1), points, tmp)
+                    k = len(points)
+                    sides["seq"] = {**seq, "per_trial_wall_s": round(seq["wall_s"] / k, 2), "compute_per_trial_s": round(statistics.mean(t["compute_s"] for t in seq["trials"]), 2), "in_process_overhead_per_trial_s": round((seq["wall_s"] - sum(t["compute_s"] for t in seq["trials"])) / k, 2)}
                     log(f"sequential: {seq['wall_s']:.1f}s")
-                if side == "tune" and not args.skip_tune:
-                    if not args.no_instrument:
-                        EVENTS_PATH = str(tmp / f"events-{sweep.name}.jsonl")
-                    log("Tune side (run_sweep)")
-                    tune_side = run_tune(sweep, tmp, not args.no_instrument, args.trial_mode)
-                    log(f"tune: {tune_side['wall_s']:.1f}s")
-            except Exception as e:  # noqa: BLE001 - report what the other side measured, and why this one failed
+                    continue
+                sweep = quickstart_sweep(tmp) if side == "quickstart" else make_sweep(args, tmp, points, *(("tune", 1) if side == "tune1" else ("train", 2)))
+                EVENTS_PATH = None if args.no_instrument else str(tmp / f"events-{sweep.name}.jsonl")
+                log(f"{side} side: run_sweep, {sweep.num_trials} trials, runner {sweep.runner}")
+                sides[side] = side_summary(run_tune(sweep, tmp, not args.no_instrument), EVENTS_PATH, sweep.name)
+                log(f"{side}: {sides[side]['wall_s']:.1f}s")
+            except Exception as e:  # noqa: BLE001 - report what the other sides measured, and why this one failed
                 log(f"{side} side failed: {type(e).__name__}: {e}")
                 result[f"{side}_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
-        k = args.trials
-        if seq is None and args.sequential_from:
-            prev = json.loads(Path(args.sequential_from).read_text())["sequential"]
-            seq = {"wall_s": prev["wall_s"], "trials": prev["trials"]}
-            result["sequential_taken_from"] = args.sequential_from
-        if seq:
-            result["sequential"] = {"wall_s": seq["wall_s"], "per_trial_wall_s": round(seq["wall_s"] / k, 2), "compute_per_trial_s": round(statistics.mean(t["compute_s"] for t in seq["trials"]), 2), "in_process_overhead_per_trial_s": round((seq["wall_s"] - sum(t["compute_s"] for t in seq["trials"])) / k, 2), "trials": seq["trials"]}
-        if tune_side:
-            result["tune"] = {"wall_s": tune_side["wall_s"], "per_trial_wall_s": round(tune_side["wall_s"] / k, 2), "compute_per_trial_s": round(statistics.mean(t["compute_s"] for t in tune_side["trials"]), 2), "trials": tune_side["trials"], "cpu_s_by_ray_process_role": tune_side["cpu_by_role"]}
-            if EVENTS_PATH and Path(EVENTS_PATH).exists():
-                events = sorted((json.loads(line) for line in Path(EVENTS_PATH).read_text().splitlines() if line.strip()), key=lambda e: e["t"])
-                order_ids = [e["trial"] for e in events if e["ev"] == "tune_trial_start"]
-                result["tune"]["breakdown"] = breakdown(events, order_ids, sweep.name)
-        if seq and tune_side:
-            fixed = (result["tune"].get("breakdown") or {}).get("fixed", {}).get("total_fixed_s")
-            result["overhead_per_trial_s"] = round((tune_side["wall_s"] - seq["wall_s"]) / k, 2)
-            if fixed is not None:
-                result["fixed_costs_s"] = fixed
-                result["overhead_per_trial_excl_fixed_s"] = round((tune_side["wall_s"] - fixed - seq["wall_s"]) / k, 2)
-            result["ratio_tune_over_sequential"] = round(tune_side["wall_s"] / seq["wall_s"], 2)
-            # the same, with each side's own measured compute taken out first (on a shared machine the
-            # two sides' compute differs run to run; this compares only what is not compute)
-            seq_other = seq["wall_s"] - sum(t["compute_s"] for t in seq["trials"])
-            tune_other = tune_side["wall_s"] - sum(t["compute_s"] for t in tune_side["trials"])
-            result["overhead_per_trial_compute_adjusted_s"] = round((tune_other - seq_other) / k, 2)
-            if fixed is not None:
-                result["overhead_per_trial_compute_adjusted_excl_fixed_s"] = round((tune_other - fixed - seq_other) / k, 2)
-            result["same_configs"] = sorted(json.dumps(t["params"], sort_keys=True) for t in seq["trials"]) == sorted(json.dumps(t["params"], sort_keys=True) for t in tune_side["trials"])
-            result["target"] = "overhead per trial < 5 s"
+        if "seq" in sides:
+            result["sequential"] = sides["seq"]
+        for side, label in (("tune1", "one_worker"), ("train2", "two_worker")):
+            if side in sides:
+                result[label] = sides[side] | (overhead(sides[side], sides["seq"]) if "seq" in sides else {})
+        if "quickstart" in sides:
+            q = sides["quickstart"]
+            result["quickstart"] = q | {"compute_fraction": round(q["compute_s"] / q["wall_s"], 3), "epochs_trained": sum(t["epochs"] for t in q["trial_rows"])}
+        figures = {
+            "one_worker_overhead_per_trial_s": result.get("one_worker", {}).get("overhead_per_trial_s"),
+            "two_worker_overhead_per_trial_s": result.get("two_worker", {}).get("overhead_per_trial_s"),
+            # the fixed costs of a user's sweep: fresh Ray, test evaluation, plots, model registration
+            "fixed_per_sweep_s": (result.get("quickstart") or result.get("one_worker") or {}).get("fixed_costs_s"),
+            "quickstart_compute_fraction": result.get("quickstart", {}).get("compute_fraction"),
+        }
+        result["figures"] = figures
+        result["targets"] = {"one_worker_overhead_per_trial_s": "<= 3", "two_worker_overhead_per_trial_s": "<= 10", "fixed_per_sweep_s": "<= 12", "quickstart_compute_fraction": ">= 0.5"}
         result["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
         if ray.is_initialized():
             ray.shutdown()

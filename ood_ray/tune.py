@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -779,20 +780,22 @@ def finish_sweep(sweep: SweepConfig, grid, client: MlflowClient, parent_id: str,
     say(f"best trial {best['trial_id']}: objective {best['objective']:.4f} (val_acc {best['val_acc']:.4f}, val_auroc {best['val_auroc']:.4f})")
     if default is not None and default["objective"] is not None:
         say(f"untuned default trial {default['trial_id']}: objective {default['objective']:.4f}")
-    if gpus > 0:  # on a GPU of the cluster: the driver's node may have none
-        say("evaluating the best trial on the test split (a Ray task with a GPU)")
-        task = ray.remote(evaluate_checkpoint).options(num_cpus=sweep.trial_cpus, num_gpus=min(gpus, 1.0))
-        evaluation = ray.get(task.remote(best["checkpoint"], base.eval_batch_size))
-    else:  # CPU only: every trial has ended, so this process may use the CPUs (no process to start)
-        say("evaluating the best trial on the test split")
-        evaluation = evaluate_checkpoint(best["checkpoint"], base.eval_batch_size)
-    test_metrics = evaluation["test"]
-    artifacts = write_artifacts(sweep, client, parent_id, trials, best, default, evaluation)
-    model_uri = None
     register = f"ood-ray-{sweep.method}" if sweep.register_name is None else sweep.register_name
     best_run = find_trial_run(client, parent_id, best["trial_id"])
-    if best_run is not None:
-        model_uri = log_best_model(client, best_run, best["checkpoint"], register or None)
+    with ThreadPoolExecutor(1) as pool:
+        # the model is logged and registered (mostly file copies and MLflow calls) while this
+        # thread scores the test split and draws the plots
+        logging_model = pool.submit(log_best_model, client, best_run, best["checkpoint"], register or None) if best_run else None
+        if gpus > 0:  # on a GPU of the cluster: the driver's node may have none
+            say("evaluating the best trial on the test split (a Ray task with a GPU)")
+            task = ray.remote(evaluate_checkpoint).options(num_cpus=sweep.trial_cpus, num_gpus=min(gpus, 1.0))
+            evaluation = ray.get(task.remote(best["checkpoint"], base.eval_batch_size))
+        else:  # CPU only: every trial has ended, so this process may use the CPUs (no process to start)
+            say("evaluating the best trial on the test split")
+            evaluation = evaluate_checkpoint(best["checkpoint"], base.eval_batch_size)
+        test_metrics = evaluation["test"]
+        artifacts = write_artifacts(sweep, client, parent_id, trials, best, default, evaluation)
+        model_uri = logging_model.result() if logging_model else None
     metrics = {f"best_{k}": v for k, v in best["metrics"].items() if k.startswith("val_") or k in ("objective", "temperature") or k.startswith("chosen_")}
     metrics.update({f"best_{k}": v for k, v in test_metrics.items()})
     if default is not None:
