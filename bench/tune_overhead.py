@@ -174,7 +174,7 @@ def make_timing_callback():
 
 
 def timed_run_trial(config: dict, **params) -> None:
-    """Tune trainable: ``ood_ray.tune.run_trial`` with timestamps, and the Train side patched."""
+    """Tune trainable: ``ood_ray.trial.run_trial`` with timestamps, and the Train side patched."""
     t_enter = time.time()
     from ray import tune
 
@@ -182,7 +182,7 @@ def timed_run_trial(config: dict, **params) -> None:
     rec("trial_enter", t=t_enter, trial=tid, **proc_info())
     t0 = time.time()
     import ood_ray.train as otr
-    import ood_ray.tune as otu
+    import ood_ray.trial as otrial
 
     rec("trial_imported", trial=tid, dur=time.time() - t0)
     if config.get("runner") == "tune":  # the loop runs right here: time its reports
@@ -217,7 +217,7 @@ def timed_run_trial(config: dict, **params) -> None:
             return trainer
 
         otr.make_trainer = make_trainer
-    otu.run_trial(config, **params)  # params: what run_sweep passes with tune.with_parameters
+    otrial.run_trial(config, **params)  # params: what run_sweep passes with tune.with_parameters
     rec("trial_exit", trial=tid, **proc_info())
 
 

@@ -247,6 +247,9 @@ class RayWorker:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
+    def stop_requested(self) -> bool:
+        return False  # Ray Train stops a run by ending its worker processes
+
 
 class TuneWorker:
     """The loop inside a Ray Tune trial (one-worker trials): world 1, Tune's checkpoints and reports.
@@ -274,6 +277,22 @@ class TuneWorker:
 
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
+    def stop_requested(self) -> bool:
+        """Whether Tune has stopped this trial (e.g. ASHA) while the loop runs on.
+
+        Tune takes a function trial's report and lets it train on at once, so a trial that ASHA
+        stops is already in its next epoch. Checked before every step, this ends the loop within
+        one step, so Tune can reuse the trial's process for the next trial (``reuse_actors``):
+        its reset waits for the loop to end. Ray 2.60 has no public API for it; this reads the
+        Tune session's stop event (private).
+        """
+        try:
+            from ray.train._internal.session import get_session
+
+            return get_session().stop_event.is_set()
+        except Exception:  # noqa: BLE001 - private API; without it the trial runs to its next report
+            return False
+
 
 class LocalWorker:
     """The same loop in this process, without Ray: world 1, checkpoints under ``root``.
@@ -295,6 +314,9 @@ class LocalWorker:
     @contextlib.contextmanager
     def resume_from(self):
         yield self.checkpoint, self.checkpoint
+
+    def stop_requested(self) -> bool:
+        return False
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         if checkpoint_dir:
@@ -412,6 +434,8 @@ def train_loop(cfg: TrainConfig, worker, bench: Benchmark | None = None) -> None
         loss_sum, n, logs_sum = 0.0, 0, {}
         batches, upcoming = upcoming or epoch_stream(epoch), None
         for x, y, _ in batches_in_step(batches, world, device, cfg.skip_bad_samples):
+            if worker.stop_requested():  # a stopped trial ends here, reporting nothing more
+                return
             if n == 0 and cfg.loader_workers > 0 and epoch + 1 < cfg.epochs:
                 upcoming = epoch_stream(epoch + 1)  # its workers fork and fill their shuffle buffers during this epoch
             x = normalize(x, device).contiguous(memory_format=memory_format)
@@ -431,6 +455,8 @@ def train_loop(cfg: TrainConfig, worker, bench: Benchmark | None = None) -> None
             for k, v in res.logs.items():
                 logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
         train_time = time.perf_counter() - t0
+        if worker.stop_requested():  # stopped at the end of an epoch: no evaluation
+            return
         keys = sorted(logs_sum)
         if n == 0:  # the same on every rank: they stop together
             raise DataError(f"{bench.train.path}: epoch {epoch + 1} has no full training batch left after skipping bad samples ({take_skipped()})")

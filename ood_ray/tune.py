@@ -22,6 +22,7 @@ this driver process (``SweepRecorder``), so a sqlite store is safe.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,6 +30,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +47,7 @@ from . import tracking
 from .config import ConfigError, TrainConfig, results_dir
 from .methods import METHODS, get_method
 from .objective import objective_metrics
+from .trial import run_trial, trial_config
 
 TRIAL_TAG = "ood_ray.trial_id"
 SWEEP_TAG = "ood_ray.sweep"
@@ -226,74 +229,6 @@ def flat_point(config: dict, like: dict) -> dict:
 
 def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
-
-
-# ---------------------------------------------------------------------------
-# the trial (runs as a Tune trainable)
-# ---------------------------------------------------------------------------
-def trial_config(config: dict) -> TrainConfig:
-    """The TrainConfig of one trial: the base settings plus the suggested values."""
-    d = dict(config["base"])
-    d["lr"] = config["lr"]
-    d["weight_decay"] = config["weight_decay"]
-    d["method_params"] = {**d.get("method_params", {}), **config["method_params"]}
-    d["seed"] = int(config.get("trial_seed", d["seed"]))
-    return TrainConfig.from_dict(d)
-
-
-def run_trial(config: dict, benchmark: dict | None = None) -> None:
-    """Tune trainable: one trial, trained in this process or by a Ray Train run.
-
-    ``config["runner"] == "tune"`` (one-worker trials): the training loop runs right here with a
-    ``TuneWorker``; every epoch is one ``tune.report`` with its checkpoint, and Tune's
-    ``FailureConfig`` and ``--resume`` restart the trial from that checkpoint. Otherwise a
-    ``TorchTrainer`` runs the loop on ``num_workers`` Train workers and its reports reach Tune
-    through ``TuneReportCallback``. Both paths run the same ``train.train_loop``.
-
-    ``benchmark`` is the sweep driver's ``Benchmark.to_spec()``, passed with ``tune.with_parameters``
-    (through the object store, not the trial config), so no node but the driver's reads benchmark.json.
-    """
-    from .data.manifest import Benchmark
-
-    cfg = trial_config(config)
-    bench = Benchmark.from_spec(benchmark) if benchmark else None
-    if config.get("runner", "train") == "tune":
-        from .train import TuneWorker, train_loop
-
-        train_loop(cfg, TuneWorker("cuda" if config["gpus_per_worker"] > 0 else "cpu"), bench)
-        return
-
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from .train import make_trainer
-
-    trial_id = tune.get_context().get_trial_id()
-    trainer = make_trainer(cfg, f"{config['sweep_name']}-{trial_id}", [TuneReportCallback()], gpus_per_worker=config["gpus_per_worker"], bench=bench)
-    trainer.fit()
-    wait_for_forwarded_reports()
-
-
-def wait_for_forwarded_reports(settle_s: float = 1.0, timeout_s: float = 120.0) -> None:
-    """Return only after Tune has taken the Train run's last forwarded report.
-
-    Ray 2.60's Train-to-Tune bridge has a race: TuneReportCallback's last report may still sit in
-    the trial's inter-actor queue when ``fit()`` returns; if this function returns first, the
-    trainable's main thread later blocks for ever putting that report into a result queue that
-    already holds the end-of-trial result, and the sweep hangs (seen under load). Waiting until the
-    queue is drained, plus a moment for the report to be handed on, closes the window.
-    """
-    try:
-        from ray.train._internal.session import get_session
-
-        queue = get_session()._inter_actor_queue
-    except Exception:  # noqa: BLE001 - private API; without it there is nothing to wait for
-        return
-    if queue is None:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not queue.empty():
-        time.sleep(0.05)
-    time.sleep(settle_s)
 
 
 # ---------------------------------------------------------------------------
@@ -672,9 +607,11 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
                 tune_config=tune.TuneConfig(
                     num_samples=sweep.num_trials, search_alg=searcher, scheduler=scheduler, max_concurrent_trials=concurrency, trial_dirname_creator=trial_dirname,
                     # A finished trial's actor (its process, torch and ood_ray imported) runs the next
-                    # trial: one process start and its imports less per trial. Not with ASHA: a trial
-                    # it stops is still inside trainer.fit(), so its actor cannot be reset for reuse.
-                    reuse_actors=not sweep.asha,
+                    # trial: one process start and its imports less per trial. A "tune" trial that
+                    # ASHA stops ends its loop at its next step (TuneWorker.stop_requested); a
+                    # "train" trial it stops is still inside trainer.fit(), so its actor cannot be
+                    # reset for reuse.
+                    reuse_actors=sweep.runner == "tune" or not sweep.asha,
                 ),
                 run_config=tune.RunConfig(
                     name=name,
@@ -684,6 +621,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
                     verbose=0,
                 ),
             )
+        threading.Thread(target=preload_finish_imports, name="ood-ray-preload", daemon=True).start()
         grid = tuner.fit()
         relog_hint = (
             f"The sweep's trials are complete in {exp_path}. When MLflow answers again, run the same command with "
@@ -709,6 +647,15 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
             warnings.warn(f"could not mark the MLflow parent run {parent_id} as failed ({type(also).__name__})", stacklevel=2)
         raise
     return outcome
+
+
+def preload_finish_imports() -> None:
+    """Import what the end of a sweep needs (matplotlib and Optuna's plots, MLflow's pyfunc flavour)
+    while the trials run: the driver is idle then, and the sweep's tail no longer waits for them."""
+    with contextlib.suppress(Exception):  # only a head start: finish_sweep imports them anyway
+        from optuna.visualization import matplotlib  # noqa: F401
+
+        from . import plots, serve  # noqa: F401
 
 
 def close_orphans(sweep: SweepConfig, client: MlflowClient, parent_id: str, known: set) -> None:

@@ -185,7 +185,9 @@ def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method, runne
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_asha_stops_a_bad_trial(ray_session, digits_ood, tmp_path, runner):
     # default (lr 0.05) first, then a trial that cannot learn in one epoch; the accuracy guard makes
-    # the objective rank them by accuracy, so ASHA stops the second at its first rung
+    # the objective rank them by accuracy, so ASHA stops the second at its first rung. A third
+    # trial follows: on the "tune" path it reuses the stopped trial's process, whose loop must end
+    # at once for that (TuneWorker.stop_requested); ASHA may stop it later, but nothing fails
     sweep = make_sweep(
         tmp_path,
         digits_ood,
@@ -193,14 +195,22 @@ def test_asha_stops_a_bad_trial(ray_session, digits_ood, tmp_path, runner):
         base={"epochs": 3, "min_val_acc": 0.999},
         concurrency=1,
         trial_runner=runner,
-        points_to_evaluate=[{"lr": 0.005, "weight_decay": 1e-5, "alpha": 0.0, "entropic_scale": 1.0}],
+        num_trials=3,
+        points_to_evaluate=[{"lr": 0.005, "weight_decay": 1e-5, "alpha": 0.0, "entropic_scale": 1.0}, {"lr": 0.06, "weight_decay": 5e-4, "alpha": 1.0, "entropic_scale": 10.0}],
     )
     out = run_sweep(sweep)
-    stopped = [t for t in out.trials if t["status"] == "stopped early"]
-    assert len(stopped) == 1 and stopped[0]["config"]["lr"] == 0.005 and stopped[0]["epochs"] == 1
-    run = next(r for r in child_runs(sweep.base.mlflow_uri, out.parent_run_id) if r.data.tags["ood_ray.trial_id"] == stopped[0]["trial_id"])
+    assert [t["status"] for t in out.trials].count("error") == 0, [t["error"] for t in out.trials]
+    bad = next(t for t in out.trials if t["config"]["lr"] == 0.005)
+    assert bad["status"] == "stopped early" and bad["epochs"] == 1
+    run = next(r for r in child_runs(sweep.base.mlflow_uri, out.parent_run_id) if r.data.tags["ood_ray.trial_id"] == bad["trial_id"])
     assert run.info.status == "KILLED" and "stopped early by ASHA after epoch 1 of 3" in run.data.tags["ood_ray.outcome"]
-    assert MlflowClient(sweep.base.mlflow_uri).get_run(out.parent_run_id).data.metrics["trials_stopped_early"] == 1
+    stopped = [t for t in out.trials if t["status"] == "stopped early"]
+    assert MlflowClient(sweep.base.mlflow_uri).get_run(out.parent_run_id).data.metrics["trials_stopped_early"] == len(stopped)
+    pids = {t["metrics"]["pid"] for t in out.trials}
+    if runner == "tune":  # one process ran all three trials: stopping the second freed it at once
+        assert len(pids) == 1, pids
+    else:  # a TorchTrainer trial cannot be reset for reuse while ASHA may stop it
+        assert len(pids) == 3, pids
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
