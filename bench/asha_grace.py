@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     p.add_argument("--graces", nargs="+", type=int, default=[1, 2], help="grace periods to compare (default 1 2; the first is the reference)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="sweep seeds (default 0 1 2)")
     p.add_argument("--budget-s", type=float, default=100.0, help="wall-clock budget of each sweep's trials (default 100)")
-    p.add_argument("--max-trials", type=int, default=64, help="trials a sweep may start within its budget (default 64)")
+    p.add_argument("--max-trials", type=int, default=1000, help="trials a sweep may start within its budget (default 1000: the budget, not this, ends a sweep)")
     args = p.parse_args(argv)
     capture_stdout()
     runs = []

@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--resume", action="store_true", help="continue an interrupted sweep (--name, or the latest sweep of the method)")
     tu.add_argument("--sweep-seed", type=int, default=0, help="seed of Optuna's TPE sampler")
     tu.add_argument("--asha", action=argparse.BooleanOptionalAction, default=True, help="ASHA early stopping on the per-epoch objective")
-    tu.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
+    tu.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial (default: a quarter of --epochs, at least 1)")
     tu.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA keeps the top 1/factor at each rung")
     tu.add_argument("--default-trial", action=argparse.BooleanOptionalAction, default=True, help="run the untuned default configuration as the first trial")
     tu.add_argument("--register-name", help="MLflow registered model name (default: ood-ray-<method>; '' = don't register)")

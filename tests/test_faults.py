@@ -102,6 +102,8 @@ def test_nan_trial_fails_with_its_reason_and_killed_worker_resumes(ray_session, 
     assert good.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(good.info.run_id, "epoch")] == [1, 2, 3, 4, 5]  # continuous
     assert max(m.value for m in client.get_metric_history(good.info.run_id, "start_epoch")) >= 1  # it did resume
+    kept = [c for c in Path(completed["checkpoint"]).parent.glob("checkpoint_*") if c.is_dir()]
+    assert len(kept) == 2 and Path(completed["checkpoint"]) in kept  # the last two of five epochs
     study = optuna.load_study(study_name=sweep.name, storage=sweep.optuna_url(sweep.name))
     states = sorted(t.state.name for t in study.trials)
     assert states == ["COMPLETE", "FAIL"]

@@ -86,6 +86,9 @@ def test_sweep_config_errors_name_the_value(digits_ood, tmp_path):
         make_sweep(tmp_path, digits_ood, "dismax", base={"num_workers": 2}, trial_runner="tune").validate()
     with pytest.raises(ConfigError, match="trial_runner='ray'"):
         make_sweep(tmp_path, digits_ood, "dismax", trial_runner="ray").validate()
+    # ASHA's first rung: a quarter of the epochs unless given (bench/asha_grace.py)
+    assert [make_sweep(tmp_path, digits_ood, "dismax", base={"epochs": e}).validate().grace for e in (2, 8, 30)] == [1, 2, 7]
+    assert make_sweep(tmp_path, digits_ood, "dismax", base={"epochs": 8}, grace_period=1).validate().grace == 1
     # one worker: the trial is its own worker (no trial driver CPUs on top)
     one = make_sweep(tmp_path, digits_ood, "dismax", num_trials=8, base={"cpus_per_worker": 1.0}).validate()
     assert one.runner == "tune" and plan_concurrency(one, {"CPU": 2}, 0) == 2
