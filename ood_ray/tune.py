@@ -568,6 +568,13 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
             Path(tmp, "sweep.json").write_text(json.dumps(sweep.to_dict(), indent=2, default=str) + "\n")
             client.log_artifacts(parent.info.run_id, tmp)
     else:
+        # the restored trials keep the path they started on (sweeps before trial_runner: "train")
+        started = parent.data.params.get("trial_runner", "train")
+        if started != sweep.runner:
+            raise ConfigError(
+                f"resume: sweep {name!r} started its trials with trial_runner={started!r}, this command would use {sweep.runner!r}; "
+                f"pass the same --num-workers (and --trial-runner) as when the sweep started"
+            )
         client.update_run(parent.info.run_id, status="RUNNING")
     parent_id = parent.info.run_id
     say(f"sweep {name!r}: MLflow parent run {parent_id} in experiment {base.experiment!r} at {base.mlflow_uri}")

@@ -217,7 +217,7 @@ def test_asha_stops_a_bad_trial(ray_session, digits_ood, tmp_path, runner):
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
-def test_resume_after_the_driver_is_killed(ray_session, digits_ood, tmp_path, runner):
+def test_resume_after_the_driver_is_killed(ray_session, digits_ood, tmp_path, runner, capsys):
     """Kill the sweep's driver after its first trial; --resume finishes without rerunning it."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["--method", "softmax", "--name", "rs", "--num-trials", "3", "--epochs", "2", "--num-workers", "1", "--cpus-per-worker", "0.5", "--concurrency", "1", "--data", str(digits_ood), "--storage-path", str(tmp_path / "ray"), "--mlflow-uri", uri, "--experiment", "sweeps", "--register-name", "", "--no-asha", "--trial-runner", runner]
@@ -245,6 +245,9 @@ def test_resume_after_the_driver_is_killed(ray_session, digits_ood, tmp_path, ru
 
     from ood_ray.cli import main  # the resumed sweep runs in this process
 
+    other = "train" if runner == "tune" else "tune"  # resuming on the other path is refused before Ray is touched
+    assert main(["tune", *args[:-2], "--trial-runner", other, "--resume"]) == 2
+    assert f"started its trials with trial_runner='{runner}'" in capsys.readouterr().err
     assert main(["tune", *args, "--resume"]) == 0, (tmp_path / "first.log").read_text()[-3000:]
     study = optuna.load_study(study_name="rs", storage=study_db)
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 3
