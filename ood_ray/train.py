@@ -218,6 +218,16 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
+def tune_session():
+    """The Ray Tune session of this trial process, or None (private Ray 2.60 API, read only here)."""
+    try:
+        from ray.train._internal.session import get_session
+
+        return get_session()
+    except Exception:  # noqa: BLE001 - private API: callers go on without it
+        return None
+
+
 @contextlib.contextmanager
 def checkpoint_folder(ckpt):
     """``(folder, path)`` of a Ray checkpoint to resume from, or ``(None, None)``."""
@@ -284,14 +294,10 @@ class TuneWorker:
         stops is already in its next epoch. Checked before every step, this ends the loop within
         one step, so Tune can reuse the trial's process for the next trial (``reuse_actors``):
         its reset waits for the loop to end. Ray 2.60 has no public API for it; this reads the
-        Tune session's stop event (private).
+        Tune session's stop event (without it the trial runs on to its next report).
         """
-        try:
-            from ray.train._internal.session import get_session
-
-            return get_session().stop_event.is_set()
-        except Exception:  # noqa: BLE001 - private API; without it the trial runs to its next report
-            return False
+        stop = getattr(tune_session(), "stop_event", None)
+        return stop is not None and stop.is_set()
 
 
 class LocalWorker:

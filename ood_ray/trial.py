@@ -52,15 +52,15 @@ def run_trial(config: dict, benchmark: dict | None = None) -> None:
 
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train import make_trainer
+    from .train import make_trainer, tune_session
 
     trial_id = tune.get_context().get_trial_id()
     trainer = make_trainer(cfg, f"{config['sweep_name']}-{trial_id}", [TuneReportCallback()], gpus_per_worker=config["gpus_per_worker"], bench=bench)
     trainer.fit()
-    wait_for_forwarded_reports()
+    wait_for_forwarded_reports(tune_session())
 
 
-def wait_for_forwarded_reports(settle_s: float = 0.2, timeout_s: float = 120.0) -> None:
+def wait_for_forwarded_reports(session, settle_s: float = 0.2, timeout_s: float = 120.0) -> None:
     """Return only after Tune has taken the Train run's last forwarded report.
 
     Ray 2.60's Train-to-Tune bridge has a race: TuneReportCallback's last report may still sit in
@@ -71,14 +71,8 @@ def wait_for_forwarded_reports(settle_s: float = 0.2, timeout_s: float = 120.0) 
     check is repeated after ``settle_s`` so a report between the two queues is not missed. (A
     fixed 1 s wait did the same at +0.8 s per trial.)
     """
-    try:
-        from ray.train._internal.session import get_session
-
-        session = get_session()
-        queues = (session._inter_actor_queue, session.result_queue)
-    except Exception:  # noqa: BLE001 - private API; without it there is nothing to wait for
-        return
-    if queues[0] is None:
+    queues = (getattr(session, "_inter_actor_queue", None), getattr(session, "result_queue", None))
+    if None in queues:  # no session (private API changed) or nothing forwarded: nothing to wait for
         return
     deadline = time.monotonic() + timeout_s
     settled = 0
