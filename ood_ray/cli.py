@@ -61,7 +61,9 @@ TUNE_DEFAULTS = {"epochs": 8, "num_workers": 1, "cpus_per_worker": 1.0, "delta_t
 
 
 def cmd_tune(ns: argparse.Namespace) -> int:
-    from .tune import SweepConfig, format_outcome, run_sweep
+    from .tuning.config import SweepConfig
+    from .tuning.report import format_outcome
+    from .tuning.sweep import run_sweep
 
     if ns.method is None:
         from .methods import METHODS
@@ -198,7 +200,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from .serve import ModelLoadError, load_predictor, predict
+    from .serving import ModelLoadError, load_predictor, predict
 
     try:
         predictor = load_predictor(ns.model, ns.tracking_uri, delta=ns.delta)

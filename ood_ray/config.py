@@ -183,10 +183,9 @@ class TrainConfig:
             method.check_params(self.method_params)
         except ValueError as e:
             raise ConfigError(f"method_params={self.method_params!r}: {e}") from None
-        if method.needs_outliers:  # the outlier batch is int(outlier_ratio x per-worker batch)
-            ratio = {**method.defaults, **self.method_params}.get("outlier_ratio", 1)
-            if int(ratio * self.per_worker_batch) < 1:
-                bad("method_params", f"outlier_ratio={ratio!r} x per-worker batch {self.per_worker_batch} gives no outlier images per step")
+        if method.needs_outliers and method(self.method_params).outlier_batch(self.per_worker_batch) < 1:
+            given = ", ".join(f"{k}={v!r}" for k, v in self.method_params.items()) or "the defaults"
+            bad("method_params", f"{given} with a per-worker batch of {self.per_worker_batch} gives no outlier images per step")
 
         def absolute(name):
             try:
@@ -198,8 +197,10 @@ class TrainConfig:
             self.data = absolute("data")
         if self.init_checkpoint is not None:
             self.init_checkpoint = absolute("init_checkpoint")
-            if not (Path(self.init_checkpoint) / "state.pt").exists():
-                bad("init_checkpoint", "not a checkpoint folder (no state.pt in it)")
+            from .checkpoint import STATE_FILE, is_checkpoint
+
+            if not is_checkpoint(self.init_checkpoint):
+                bad("init_checkpoint", f"not a checkpoint folder (no {STATE_FILE} in it)")
         if not self.storage_path:
             self.storage_path = str(results_dir() / "ray")
         elif "://" not in self.storage_path:  # s3://, gs://... pass through untouched

@@ -13,7 +13,8 @@ import pytest
 from ood_ray.config import ConfigError, TrainConfig
 from ood_ray.methods import METHODS, get_method
 from ood_ray.objective import OBJECTIVES
-from ood_ray.tune import SweepConfig, plan_concurrency
+from ood_ray.tuning.config import SweepConfig
+from ood_ray.tuning.sweep import plan_concurrency
 
 DELTA_METHODS = sorted(name for name, cls in METHODS.items() if "delta" in cls.defaults)
 

@@ -23,7 +23,8 @@ from mlflow.tracking import MlflowClient
 from test_tune import RUNNERS, child_runs, make_sweep
 
 from ood_ray import tracking
-from ood_ray.tune import SweepRecorder, run_sweep
+from ood_ray.tracking.recorder import SweepRecorder
+from ood_ray.tuning.sweep import run_sweep
 
 
 def wait_for(cond, timeout: float, what: str, poll: float = 0.2):

@@ -8,7 +8,8 @@ from mlflow.tracking import MlflowClient
 
 from ood_ray.config import ConfigError, TrainConfig
 from ood_ray.methods import METHODS, get_method
-from ood_ray.train import model_from_checkpoint, run_training
+from ood_ray.checkpoint import load_model_dir as model_from_checkpoint
+from ood_ray.train import run_training
 
 
 @pytest.mark.parametrize(
@@ -85,7 +86,7 @@ def test_init_checkpoint_loads_backbone_and_matching_head(tmp_path):
     torch.manual_seed(0)
     base = Classifier(build_backbone("small_cnn", 1, 8), get_method("softmax").make_head(128, 10))
     torch.save({"model": base.state_dict()}, tmp_path / "state.pt")
-    from ood_ray.train import init_weights
+    from ood_ray.checkpoint import init_weights
 
     oe = Classifier(build_backbone("small_cnn", 1, 8), get_method("outlier_exposure").make_head(128, 10))
     init_weights(oe, str(tmp_path))

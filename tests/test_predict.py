@@ -1,4 +1,4 @@
-"""``ood-ray predict``, ``ood_ray.serve.predict`` and a real ``mlflow models serve`` over HTTP, on a
+"""``ood-ray predict``, ``ood_ray.serving.predict`` and a real ``mlflow models serve`` over HTTP, on a
 real sqlite MLflow store with a logged and registered (untrained, so cheap) model; no Ray."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from PIL import Image
 from test_serve import images, make_checkpoint, png
 
 from ood_ray.cli import main
-from ood_ray.serve import (
+from ood_ray.serving import (
     COLUMNS,
     ModelLoadError,
     OODPredictor,

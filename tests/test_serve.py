@@ -21,10 +21,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from ood_ray.config import TrainConfig
-from ood_ray.evaluate import normalize
+from ood_ray.engine.evaluate import normalize
 from ood_ray.methods import get_method
 from ood_ray.models import Classifier, build_backbone
-from ood_ray.serve import COLUMNS, OODPredictor, load_model_dir, log_ood_model
+from ood_ray.serving import COLUMNS, OODPredictor, load_model_dir, log_ood_model
 
 PARAMS = {
     "softmax": {},
@@ -277,7 +277,7 @@ def test_log_register_load_and_predict(tmp_path, tracking):
     reqs = Path(local, "requirements.txt").read_text()
     assert "torch==" in reqs and "mlflow==" in reqs and "ray" not in reqs
     code = os.path.join(local, "code", "ood_ray")
-    assert os.path.isfile(os.path.join(code, "serve.py"))
+    assert os.path.isfile(os.path.join(code, "serving", "pyfunc.py"))
     assert not any("__pycache__" in d for d, _, _ in os.walk(code))
 
     loaded = mlflow.pyfunc.load_model("models:/ood-test/1")

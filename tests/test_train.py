@@ -15,9 +15,10 @@ from mlflow.tracking import MlflowClient
 
 from ood_ray.config import TrainConfig
 from ood_ray.data.manifest import Benchmark
-from ood_ray.evaluate import evaluate_split
+from ood_ray.engine.evaluate import evaluate_split
 from ood_ray.methods import get_method
-from ood_ray.train import model_from_checkpoint, run_training
+from ood_ray.checkpoint import load_model_dir as model_from_checkpoint
+from ood_ray.train import run_training
 
 
 def config(digits_ood, tmp_path, mlflow_uri, **kw):
@@ -129,7 +130,7 @@ def test_two_workers_match_one_worker(trained, tmp_path):
     is compared only loosely (0.12); the held-out metrics are what must agree.
     The 1-worker run is the same training loop in this process (``train_local``).
     """
-    from ood_ray.train import train_local
+    from ood_ray.engine import train_local
 
     cfg, out = trained
     one = TrainConfig.from_dict({**cfg.to_dict(), "num_workers": 1, "storage_path": str(tmp_path / "ray")})

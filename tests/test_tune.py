@@ -19,14 +19,10 @@ from mlflow.tracking import MlflowClient
 
 from ood_ray.config import ConfigError, TrainConfig
 from ood_ray.objective import objective_value
-from ood_ray.tune import (
-    SearchSpace,
-    SweepConfig,
-    default_point,
-    pareto_front,
-    plan_concurrency,
-    run_sweep,
-)
+from ood_ray.tuning.config import SweepConfig
+from ood_ray.tuning.report import pareto_front
+from ood_ray.tuning.space import SearchSpace, default_point
+from ood_ray.tuning.sweep import plan_concurrency, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

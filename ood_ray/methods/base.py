@@ -24,18 +24,53 @@ class StepResult:
 
 
 class Method:
-    """Base class; subclasses set the class attributes and override what differs."""
+    """A training method: subclasses set the class attributes and override the hooks that differ.
+
+    The contract (checked for every registered method by ``tests/test_method_contract.py``):
+
+    Class attributes
+        ``name``: the registry name (``ood-ray train --method NAME``, MLflow tags, model names).
+        ``defaults``: every hyperparameter and its default; a parameter's type is its default's.
+        ``needs_outliers``: training needs the benchmark's auxiliary outlier set; the loop then
+        passes ``x_out`` (``outlier_batch(batch)`` images) to ``training_step``.
+        ``default_score``: the OOD score reported as the run's AUROC, FPR95, ... (a key of
+        ``eval_batch``); higher = more in-distribution.
+        ``threshold_score``: the score the "don't know" threshold ``delta`` applies to: an image
+        is unknown when it is below δ. ``threshold_range``: the interval its values (and so δ) lie
+        in; ``delta`` is checked against it and δ chosen from val ID is clipped to it.
+        ``eval_needs_grad``: scoring needs input gradients (input preprocessing).
+        ``state_sync_keys``: keys of ``StepResult.logs`` averaged over ranks after every step and
+        passed to ``update_state`` (e.g. the confidence λ).
+        ``nonnegative`` / ``positive``: parameters that must be >= 0 / > 0.
+        ``labels``: names used in error messages, e.g. ``{"budget": "budget (β)"}``.
+        ``calibration_keys``: the keys ``calibrate`` may return; they are recorded as metrics of
+        every run and sweep trial (returning another key is an error).
+        ``exported_output``: one line saying what the exported model (``flat_output``) returns;
+        stored in the checkpoint's model.json.
+
+    Hooks: ``make_head`` (required), ``training_step`` (required), ``logits``, ``scores``,
+    ``eval_batch``, ``score_names``, ``flat_output``, ``initial_state``, ``update_state``,
+    ``outlier_batch``, ``calibrate``, ``temperature``, ``search_space``, ``posthoc_grid``,
+    ``validate``; each documents its rule below.
+
+    Registering: one new module in ``ood_ray/methods/`` and one ``"module:Class"`` line in
+    ``REGISTRY`` of ``ood_ray/methods/__init__.py``; every command, the tuner and the serving code
+    read the rest from the class.
+    """
 
     name: str = ""
     needs_outliers: bool = False
     defaults: dict = {}
     default_score: str = "msp"
     eval_needs_grad: bool = False  # True when scoring needs input gradients (input preprocessing)
-    threshold_score: str = "msp"  # the probability-like score the "don't know" threshold δ applies to
+    threshold_score: str = "msp"  # the score the "don't know" threshold δ applies to
+    threshold_range: tuple[float, float] = (0.0, 1.0)  # where the threshold score (and δ) lies
     state_sync_keys: tuple[str, ...] = ()  # step logs averaged over ranks and passed to update_state
     nonnegative: tuple[str, ...] = ()  # parameters that must be >= 0
     positive: tuple[str, ...] = ()  # parameters that must be > 0
     labels: dict[str, str] = {}  # names used in error messages, e.g. "budget (β)"
+    calibration_keys: tuple[str, ...] = ()  # what calibrate() returns, recorded as metrics
+    exported_output: str = "Exported models return the class logits (MLflow needs a single output tensor)."
 
     def __init__(self, params: dict | None = None):
         self.params = {**self.defaults, **(params or {})}
@@ -48,7 +83,7 @@ class Method:
         Every parameter must have the type of its default (a real number, not a bool, for numeric
         defaults; a string for string defaults); ``delta`` may also be None (no threshold).
         Numbers must be finite, then the ``nonnegative``/``positive`` bounds and ``delta`` in
-        [0, 1] apply, and finally the method's own ``validate``.
+        ``threshold_range`` apply, and finally the method's own ``validate``.
         """
         if not isinstance(params, dict):
             raise ValueError(f"method {cls.name!r}: parameters must be a mapping of name to value, got {params!r}")
@@ -72,8 +107,9 @@ class Method:
                 bound = "> 0" if key in cls.positive else ">= 0"
                 raise ValueError(f"{cls.name}: {cls.labels.get(key, key)}={full[key]} must be {bound}")
         delta = full.get("delta")
-        if delta is not None and not 0.0 <= float(delta) <= 1.0:
-            raise ValueError(f"{cls.name}: delta={delta} must lie in [0, 1] (a threshold on a probability)")
+        low, high = cls.threshold_range
+        if delta is not None and not low <= float(delta) <= high:
+            raise ValueError(f"{cls.name}: delta={delta} must lie in [{low:g}, {high:g}] (the range of its threshold score {cls.threshold_score!r})")
         for key, value in full.items():
             if _is_number(value) and not math.isfinite(float(value)):
                 raise ValueError(f"{cls.name}: {cls.labels.get(key, key)}={value!r} must be finite")
@@ -87,8 +123,24 @@ class Method:
         """Called after every optimizer step with ``state_sync_keys`` averaged over all ranks."""
 
     def calibrate(self, model: nn.Module, val_logits: torch.Tensor, val_labels: torch.Tensor) -> dict[str, float]:
-        """Post-hoc step after training on the validation split; returns values to log."""
+        """Post-hoc step after training, on the validation split only; may change ``model``.
+
+        Returns values to log, whose keys must be declared in ``calibration_keys``. Not called
+        when a subclass does not override it (no validation pass is spent then).
+        """
         return {}
+
+    def temperature(self, model: nn.Module) -> float | None:
+        """The calibration temperature the trained ``model``'s logits are divided by, or None.
+
+        Exported with the model (MLflow metadata) and drawn in the reliability diagram. A method
+        parameter is never read as a temperature by name: a method with one says so here.
+        """
+        return None
+
+    def outlier_batch(self, batch_size: int) -> int:
+        """Outlier images per step for a per-worker ID batch of ``batch_size`` (``needs_outliers``)."""
+        return batch_size if self.needs_outliers else 0
 
     @classmethod
     def search_space(cls, trial) -> dict:
@@ -128,7 +180,7 @@ class Method:
         return {"logits": logits, **{name: fn(logits) for name, fn in self.scores().items()}}
 
     def flat_output(self, output) -> torch.Tensor:
-        """Exported models return the class logits (MLflow needs a single output tensor)."""
+        """The model's output as one tensor (MLflow needs one); describe it in ``exported_output``."""
         return output
 
     def score_names(self) -> list[str]:

@@ -234,8 +234,10 @@ class Confidence(Method):
     def initial_state(self) -> dict:
         return {"lam": float(self.params["lam"])}
 
+    exported_output = "Exported models return the K logits followed by the confidence logit (K + 1 columns)."
+
     def flat_output(self, output) -> torch.Tensor:
-        """Exported models return the K logits followed by the confidence logit (K + 1 columns)."""
+        """The K logits followed by the confidence logit (K + 1 columns)."""
         return torch.cat([output[0], output[1].reshape(-1, 1)], dim=1)
 
     def training_step(self, model, x, y, x_out, state) -> StepResult:

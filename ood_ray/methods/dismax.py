@@ -418,6 +418,7 @@ class DisMax(Method):
     }
     default_score = "mmles"
     threshold_score = "mps"
+    calibration_keys = ("temperature", "val_ece_uncalibrated")
     nonnegative = ("alpha",)
     positive = ("entropic_scale",)
 
@@ -493,3 +494,10 @@ class DisMax(Method):
         before = _ece(probs, val_labels.numpy(), n_bins=15)
         head.temperature.fill_(t)
         return {"temperature": t, "val_ece_uncalibrated": before}
+
+    def temperature(self, model) -> float | None:
+        """The head's calibrated temperature T (a float32 buffer, as its shortest decimal: 0.7)."""
+        buf = getattr(getattr(model, "head", None), "temperature", None)
+        if not isinstance(buf, torch.Tensor) or buf.numel() != 1:
+            return None
+        return float(str(buf.detach().cpu().reshape(()).numpy()))

@@ -92,6 +92,10 @@ class OutlierExposure(Method):
     def make_head(self, num_features: int, num_classes: int) -> nn.Module:
         return nn.Linear(num_features, num_classes)
 
+    def outlier_batch(self, batch_size: int) -> int:
+        """``outlier_ratio`` outlier images per ID image (the paper: 2)."""
+        return int(self.params["outlier_ratio"] * batch_size)
+
     def training_step(self, model, x, y, x_out, state) -> StepResult:
         if x_out is None:
             raise ValueError("Outlier Exposure needs an outlier stream (the benchmark has no 'outlier' set)")

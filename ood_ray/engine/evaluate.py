@@ -10,19 +10,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import metrics as M
-from .data.manifest import Benchmark, Manifest
-from .data.streams import eval_batches
-from .methods import Method
+from .. import metrics as M
+from ..checkpoint import unwrap
+from ..data.manifest import Benchmark, Manifest
+from ..data.streams import eval_batches
+from ..methods import Method
 
 
 def normalize(x: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 N×C×H×W batch -> float in [-1, 1] on ``device``."""
     return x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
 
 
 def collect(model, method: Method, manifest: Manifest, rank: int, world: int, device, batch_size: int) -> dict[str, np.ndarray]:

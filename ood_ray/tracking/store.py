@@ -1,4 +1,4 @@
-"""Everything MLflow: checking the store, runs, params, per-epoch metrics, models.
+"""The MLflow store: checking it, experiments, params, metrics, torch models.
 
 Only driver-side processes write (the job's driver and the Ray Train controller, both on the head
 node), so a sqlite store is safe; multi-node clusters point ``--mlflow-uri`` at a tracking server.
@@ -14,13 +14,10 @@ from urllib.parse import urlparse
 import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
-from ray.train import UserCallback
 
-from .config import TrackingError  # noqa: F401 - raised here, defined light for the CLI
+from ..config import TrackingError  # noqa: F401 - raised here, defined light for the CLI
 
 MAX_PARAM_LEN = 6000
-
-
 
 
 def is_unreachable(e: BaseException) -> bool:
@@ -36,21 +33,35 @@ def is_unreachable(e: BaseException) -> bool:
     return False
 
 
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """An http(s) tracking server must answer ``/health`` within ``timeout`` (MLflow's own client
+    retries for minutes); raises TrackingError naming the URI. Other URIs pass."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    import requests
+
+    try:
+        r = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.RequestException as e:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({type(e).__name__}: {e})") from None
+    if r.status_code != 200:
+        raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {r.status_code}")
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store URI (None for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///") :].split("?", 1)[0])
+
+
 def check_tracking(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, naming the URI, when the tracking store cannot be reached or created."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        import requests
-
-        try:
-            r = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
-        except requests.RequestException as e:
-            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({type(e).__name__}: {e})") from None
-        if r.status_code != 200:
-            raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {r.status_code}")
+    check_server(uri, timeout)
+    if urlparse(uri).scheme in ("http", "https"):
         return
-    if parsed.scheme == "sqlite":
-        db = Path(uri[len("sqlite:///") :])
+    db = sqlite_file(uri)
+    if db is not None:
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -110,20 +121,6 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int) -> 
     batch = [Metric(k, v, ts, step) for k, v in numeric_metrics(metrics).items()]
     for i in range(0, len(batch), 500):
         client.log_batch(run_id, metrics=batch[i : i + 500])
-
-
-class EpochLogger(UserCallback):
-    """Ray Train callback (runs in the controller): logs each epoch's report to an MLflow run."""
-
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if not metrics:
-            return
-        m = metrics[0]
-        log_metrics(MlflowClient(self.tracking_uri), self.run_id, m, step=int(m.get("epoch", 0)))
 
 
 def log_pytorch_model(model, input_example, name: str = "model", registered_model_name: str | None = None):

@@ -1,0 +1,206 @@
+"""The one checkpoint format: a folder with the weights, the training config and the model card.
+
+Files (every checkpoint Ray Train or Tune persists, every model logged to MLflow carries one):
+
+* ``state.pt``: ``{"model", "optimizer", "scheduler", "epoch", "method_state"}``, read with
+  ``torch.load(weights_only=True)`` so nothing is unpickled;
+* ``config.json``: the ``TrainConfig`` (with the post-hoc values chosen written into
+  ``method_params``);
+* ``model.json``: what serving needs without the training code's config: method and its
+  parameters, backbone, class names, image size, mode, the scores and δ (``model_meta``);
+* ``metrics.json``: the epoch's reported metrics (to report a finished run again on resume).
+
+``load_model_dir`` rebuilds the model from the folder alone; no dataset is read. Plain torch: no
+Ray, no MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .methods import Method, get_method
+from .models import Classifier, build_backbone
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.json"
+META_FILE = "model.json"
+METRICS_FILE = "metrics.json"
+
+MODE_CHANNELS = {"L": 1, "RGB": 3}
+REQUIRED_META = ("method", "method_params", "backbone", "class_names", "image_size", "mode")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def model_meta(cfg: TrainConfig, class_names: list[str], image_size, mode: str) -> dict:
+    """The ``model.json`` of a model trained with ``cfg`` on images of ``mode`` and ``image_size``."""
+    m = get_method(cfg.method, cfg.method_params)
+    return {
+        "method": cfg.method,
+        "method_params": m.params,
+        "backbone": cfg.backbone,
+        "class_names": list(class_names),
+        "image_size": list(image_size),
+        "mode": mode,
+        "default_score": m.default_score,
+        "threshold_score": m.threshold_score,
+        "delta": m.params.get("delta"),
+        "exported_output": m.exported_output,
+        "normalization": "x / 127.5 - 1 on uint8 pixels",
+    }
+
+
+def save_checkpoint(directory: str, model, opt, sched, epoch: int, method_state: dict, cfg: TrainConfig, meta: dict) -> None:
+    torch.save(
+        {
+            "model": unwrap(model).state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "epoch": epoch,
+            "method_state": method_state,
+        },
+        os.path.join(directory, STATE_FILE),
+    )
+    cfg.save(os.path.join(directory, CONFIG_FILE))
+    Path(directory, META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_state(directory: str) -> dict:
+    """A checkpoint's tensors; ``weights_only`` so nothing is unpickled."""
+    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def is_checkpoint(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / STATE_FILE).is_file()
+
+
+def init_weights(model: Classifier, directory: str) -> None:
+    """Fine-tuning: the backbone's weights from a checkpoint, and the head's when it has the same shape."""
+    saved = load_state(directory)["model"]
+    model.backbone.load_state_dict({k[len("backbone.") :]: v for k, v in saved.items() if k.startswith("backbone.")})
+    head = {k[len("head.") :]: v for k, v in saved.items() if k.startswith("head.")}
+    own = model.head.state_dict()
+    if head.keys() == own.keys() and all(v.shape == own[k].shape for k, v in head.items()):
+        model.head.load_state_dict(head)
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file missing: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def config_from_dict(d: dict, path: Path) -> TrainConfig:
+    """A TrainConfig as saved, without ``validate``: serving must not resolve or check training paths
+    (``init_checkpoint``, ``storage_path``, the tracking URI) of the machine that trained."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown key(s) {', '.join(unknown)} (written by a newer ood_ray?)"
+        )
+    return TrainConfig(**d)
+
+
+def check_meta(meta: dict, path: Path) -> None:
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
+    if meta["mode"] not in MODE_CHANNELS:
+        raise ValueError(
+            f"{path}: mode={meta['mode']!r}; expected one of {', '.join(MODE_CHANNELS)}"
+        )
+    size = meta["image_size"]
+    if not (
+        isinstance(size, list | tuple)
+        and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+    ):
+        raise ValueError(f"{path}: image_size={size!r}; expected [height, width]")
+    names = meta["class_names"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{path}: class_names={names!r}; expected a non-empty list of strings")
+    if not isinstance(meta["method_params"], dict):
+        raise ValueError(f"{path}: method_params={meta['method_params']!r}; expected an object")
+
+
+def method_of(meta: dict) -> Method:
+    """The method object of a checkpoint's ``model.json`` dict, with the parameters it was trained with."""
+    return get_method(meta["method"], meta["method_params"])
+
+
+def load_model_dir(directory: str | os.PathLike) -> tuple[Classifier, dict, TrainConfig]:
+    """Rebuild a trained model from its checkpoint folder alone, in eval mode, on the CPU.
+
+    Reads ``model.json`` (method and its parameters, backbone, class names, image size, mode),
+    ``config.json`` (the TrainConfig, returned as saved: not validated, so paths of the training
+    machine are neither resolved nor checked) and ``state.pt`` (``torch.load(weights_only=True)``,
+    key ``"model"``). Returns ``(model, meta, cfg)`` with ``meta`` the ``model.json`` dict.
+
+    Raises FileNotFoundError naming the file when one is missing, and ValueError naming the file
+    when one is malformed or the weights do not fit the model it describes.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {d}")
+    meta_path, cfg_path, state_path = d / META_FILE, d / CONFIG_FILE, d / STATE_FILE
+    meta = read_json(meta_path)
+    check_meta(meta, meta_path)
+    cfg = config_from_dict(read_json(cfg_path), cfg_path)
+    try:
+        method = method_of(meta)
+        backbone = build_backbone(
+            meta["backbone"], MODE_CHANNELS[meta["mode"]], tuple(meta["image_size"])
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{meta_path}: {e}") from None
+    model = Classifier(backbone, method.make_head(backbone.num_features, len(meta["class_names"])))
+    if not state_path.is_file():
+        raise FileNotFoundError(f"checkpoint file missing: {state_path}")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for a corrupt or unsafe file
+        raise ValueError(
+            f"{state_path}: cannot load the weights ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ValueError(f"{state_path}: expected a dict with a 'model' state_dict")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ValueError(
+            f"{state_path}: weights do not fit the model described in {meta_path.name} ({e})"
+        ) from None
+    return model.eval(), meta, cfg
+
+
+def model_temperature(model: torch.nn.Module, meta: dict) -> float | None:
+    """A trained model's calibration temperature, as its method declares it (``Method.temperature``)."""
+    return method_of(meta).temperature(model)
+
+
+class ExportedModel(torch.nn.Module):
+    """The model as exported: normalized images in, one tensor out (``method.flat_output``)."""
+
+    def __init__(self, model: torch.nn.Module, method: Method):
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.flat_output(self.model(x))

@@ -1,0 +1,159 @@
+"""``OODPredictor``: a trained detector with its "don't know" rule, as a plain Python API.
+
+An image is "unknown" when the method's threshold score (``msp`` for softmax / OE / LogitNorm,
+``confidence`` for the confidence branch, ``confidence_pre`` when it preprocesses inputs, ``mps``
+for DisMax; as recorded in ``model.json``) is below δ, the rule of
+``ood_ray.engine.evaluate.threshold_metrics``; with δ = None no image is unknown.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..checkpoint import META_FILE, check_meta, load_model_dir, method_of
+from ..config import TrainConfig
+from .images import ImageInput
+
+UNKNOWN_LABEL = "unknown"
+
+#: The prediction columns, in order. ``predicted_class`` is the argmax class index and
+#: ``class_name`` its name; ``label`` is ``class_name`` or "unknown"; ``score`` is the value of the
+#: method's default OOD score ``score_name`` (higher = more in-distribution); ``threshold_value``
+#: is the value of the score named ``threshold_score`` that δ (``delta``, None = off) applies to.
+COLUMNS = (
+    "predicted_class",
+    "class_name",
+    "label",
+    "unknown",
+    "score_name",
+    "score",
+    "threshold_score",
+    "threshold_value",
+    "delta",
+)
+
+_KEEP = object()  # "use the checkpoint's δ"
+
+
+class OODPredictor(ImageInput):
+    """A trained detector ready to predict: model, method and the "don't know" threshold δ.
+
+    ``predict(images)`` returns a pandas DataFrame with one row per image and the columns of
+    ``COLUMNS`` (``df.to_dict("records")`` gives a list of dicts). ``images`` are uint8 pixels:
+
+    * a numpy array (or tensor) ``N×H×W`` (mode "L"), ``N×C×H×W`` or ``N×H×W×C``; integer or
+      float arrays are accepted when every value is a whole number in [0, 255];
+    * a list of PIL images, file paths, or encoded PNG/JPEG bytes (or base64 strings of them),
+      converted to the model's mode; a single one of these works too.
+
+    Every image must have the model's size (a ValueError names expected and got sizes): nothing is
+    resized, because the detector's scores depend on it.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        meta: dict,
+        config: TrainConfig | None = None,
+        *,
+        delta: Any = _KEEP,
+        batch_size: int = 256,
+        device: str | torch.device = "cpu",
+    ):
+        check_meta(meta, Path(META_FILE))
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.meta = meta
+        self.config = config
+        self.method = method_of(meta)
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.batch_size = int(batch_size)
+        self.class_names: list[str] = list(meta["class_names"])
+        ImageInput.__init__(self, meta["mode"], meta["image_size"])
+        self.default_score: str = meta.get("default_score", self.method.default_score)
+        self.threshold_score: str = meta.get("threshold_score", self.method.threshold_score)
+        self.delta = meta.get("delta", self.method.params.get("delta")) if delta is _KEEP else delta
+
+    @property
+    def delta(self) -> float | None:
+        return self._delta
+
+    @delta.setter
+    def delta(self, value) -> None:
+        if value is not None:
+            value = float(value)
+            low, high = self.method.threshold_range
+            if not low <= value <= high:
+                raise ValueError(
+                    f"delta={value} must lie in [{low:g}, {high:g}] (the range of the threshold score {self.threshold_score!r}) or be None"
+                )
+        self._delta = value
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike, **kwargs) -> OODPredictor:
+        """Load a checkpoint folder (see ``load_model_dir``); keyword arguments go to ``__init__``."""
+        model, meta, cfg = load_model_dir(directory)
+        return cls(model, meta, cfg, **kwargs)
+
+    def with_delta(self, delta: float | None) -> OODPredictor:
+        """A copy sharing the model, with δ = ``delta`` (None = no image is unknown)."""
+        other = copy.copy(self)
+        other.delta = delta
+        return other
+
+    # -- input -------------------------------------------------------------------------------
+
+    # -- scoring -----------------------------------------------------------------------------
+
+    def outputs(self, images) -> dict[str, np.ndarray]:
+        """The method's raw evaluation outputs: ``logits`` and every score, as numpy arrays."""
+        batch = self.to_batch(images)
+        parts: dict[str, list[np.ndarray]] = {}
+        grad = torch.enable_grad() if self.method.eval_needs_grad else torch.no_grad()
+        with grad:
+            for i in range(0, len(batch), self.batch_size):
+                x = torch.from_numpy(batch[i : i + self.batch_size]).to(self.device)
+                x = x.float().div_(127.5).sub_(1.0)  # as ood_ray.evaluate.normalize
+                out = self.method.eval_batch(self.model, x)
+                for k, v in out.items():
+                    parts.setdefault(k, []).append(v.detach().float().cpu().numpy())
+        if not parts:
+            k = len(self.class_names)
+            return {
+                "logits": np.zeros((0, k), np.float32),
+                self.default_score: np.zeros(0, np.float32),
+                self.threshold_score: np.zeros(0, np.float32),
+            }
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+    def predict(self, images) -> pd.DataFrame:
+        """One row per image with the columns of ``COLUMNS`` (see the class docstring for inputs)."""
+        out = self.outputs(images)
+        pred = out["logits"].argmax(1) if len(out["logits"]) else np.zeros(0, np.int64)
+        thr = out[self.threshold_score].astype(np.float64)
+        unknown = thr < self.delta if self.delta is not None else np.zeros(len(thr), bool)
+        names = (
+            np.asarray(self.class_names, dtype=object)[pred] if len(pred) else np.zeros(0, object)
+        )
+        return pd.DataFrame(
+            {
+                "predicted_class": pred.astype(np.int64),
+                "class_name": names,
+                "label": np.where(unknown, UNKNOWN_LABEL, names).astype(object),
+                "unknown": unknown.astype(bool),
+                "score_name": self.default_score,
+                "score": out[self.default_score].astype(np.float64),
+                "threshold_score": self.threshold_score,
+                "threshold_value": thr,
+                "delta": self.delta,
+            },
+            columns=list(COLUMNS),
+        )

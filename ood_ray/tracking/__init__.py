@@ -1,0 +1,31 @@
+"""MLflow: the store (``store``) and the recorders of Ray's reports (``recorder``).
+
+Only driver-side processes write to MLflow. ``from ood_ray import tracking`` gives the store API;
+``tracking.recorder`` imports Ray and is imported where it is needed.
+"""
+
+from ..config import TrackingError
+from .store import (
+    artifact_root,
+    check_server,
+    check_tracking,
+    ensure_experiment,
+    is_unreachable,
+    log_metrics,
+    log_pytorch_model,
+    params_of,
+    sqlite_file,
+)
+
+__all__ = [
+    "TrackingError",
+    "artifact_root",
+    "check_server",
+    "check_tracking",
+    "ensure_experiment",
+    "is_unreachable",
+    "log_metrics",
+    "log_pytorch_model",
+    "params_of",
+    "sqlite_file",
+]
