@@ -16,6 +16,7 @@ REGISTRY = (
     "outlier_exposure:OutlierExposure",
     "confidence:Confidence",
     "dismax:DisMax",
+    "logitnorm:LogitNorm",
 )
 
 
