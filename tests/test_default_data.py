@@ -16,6 +16,7 @@ import webdataset as wds
 from PIL import Image, ImageFont
 
 from ood_ray.data import default as D
+from ood_ray.data import sources as S
 from ood_ray.data.manifest import OOD_LABEL, Benchmark, DataError, Manifest
 
 OOD_KEYS = ["photos", "faces", "gaussian", "uniform", "blobs", "letters"]
@@ -62,23 +63,23 @@ def test_source_assignment_is_pairwise_disjoint():
 
 
 def test_pixel_helpers():
-    assert D.levels_to_uint8(np.array([0, 1, 15, 16])).tolist() == [0, 16, 240, 255]
+    assert S.levels_to_uint8(np.array([0, 1, 15, 16])).tolist() == [0, 16, 240, 255]
     bitmaps = np.zeros((1, 32, 32), bool)
     bitmaps[0, :4, :4] = True
     bitmaps[0, 4:6, 4:8] = True
-    levels = D.block_count(bitmaps)
+    levels = S.block_count(bitmaps)
     assert levels.shape == (1, 8, 8) and levels[0, 0, 0] == 16 and levels[0, 1, 1] == 8 and levels.sum() == 24
     rng = np.random.default_rng(0)
     w = rng.integers(0, 256, size=(24, 24))
-    assert np.array_equal(D.area_downsample(w), w.reshape(8, 3, 8, 3).sum(axis=(1, 3)) * 64)
+    assert np.array_equal(S.area_downsample(w), w.reshape(8, 3, 8, 3).sum(axis=(1, 3)) * 64)
     for s in (16, 25, 37, 64):  # exact means, including non-multiples of 8
-        assert np.array_equal(D.area_downsample(np.full((s, s), 7)), np.full((8, 8), 7 * s * s))
-        assert D._area_weights(s).sum(axis=1).tolist() == [s] * 8
-    lv = D.to_levels(np.arange(64).reshape(8, 8))
+        assert np.array_equal(S.area_downsample(np.full((s, s), 7)), np.full((8, 8), 7 * s * s))
+        assert S._area_weights(s).sum(axis=1).tolist() == [s] * 8
+    lv = S.to_levels(np.arange(64).reshape(8, 8))
     assert lv.min() == 0 and lv.max() == 16
-    assert not D.to_levels(np.full((8, 8), 5)).any()
-    assert D.gray_u8(np.ones((4, 4, 3), np.uint8) * 200).tolist() == [[200] * 4] * 4
-    assert D.gray_u8(np.ones((2, 2), bool)).max() == 255
+    assert not S.to_levels(np.full((8, 8), 5)).any()
+    assert S.gray_u8(np.ones((4, 4, 3), np.uint8) * 200).tolist() == [[200] * 4] * 4
+    assert S.gray_u8(np.ones((2, 2), bool)).max() == 255
 
 
 def test_generators_shapes_and_levels():
@@ -101,7 +102,7 @@ def test_generators_shapes_and_levels():
 
 
 def test_letters_also_render_with_the_bitmap_font():
-    glyph = D.render_glyph("K", ImageFont.load_default_imagefont())
+    glyph = S.render_glyph("K", ImageFont.load_default_imagefont())
     assert glyph.height >= 32 and glyph.getbbox() is not None
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from ood_ray.checkpoint import load_model_dir as model_from_checkpoint
 from ood_ray.config import ConfigError, TrainConfig
 from ood_ray.methods import METHODS, get_method
-from ood_ray.checkpoint import load_model_dir as model_from_checkpoint
 from ood_ray.train import run_training
 
 

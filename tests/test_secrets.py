@@ -82,8 +82,8 @@ def test_training_run_records_no_credentials(ray_session, digits_ood, tmp_path, 
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
-    from ood_ray.config import TrainConfig
     from ood_ray.checkpoint import STATE_FILE
+    from ood_ray.config import TrainConfig
     from ood_ray.train import run_training
 
     for i, name in enumerate(SECRET_ENV):

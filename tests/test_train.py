@@ -13,11 +13,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from ood_ray.checkpoint import load_model_dir as model_from_checkpoint
 from ood_ray.config import TrainConfig
 from ood_ray.data.manifest import Benchmark
 from ood_ray.engine.evaluate import evaluate_split
 from ood_ray.methods import get_method
-from ood_ray.checkpoint import load_model_dir as model_from_checkpoint
 from ood_ray.train import run_training
 
 
