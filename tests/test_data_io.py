@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
-from conftest import write_toy
+from conftest import hand_manifest, png, write_toy
 from PIL import Image
 
 from ood_ray.data.manifest import Benchmark, DataError, Manifest
@@ -115,27 +113,6 @@ def test_empty_shard(tmp_path):
     (tmp_path / "toy-000003.tar").write_bytes(b"")
     with pytest.raises(DataError, match=r"toy-000003.tar.*(holds 0 samples|cannot read)"):
         read_all(m)
-
-
-def write_raw_tar(path, members: dict[str, bytes]):
-    with tarfile.open(path, "w") as tf:
-        for name, data in members.items():
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
-
-
-def png(size=(8, 8), mode="L"):
-    buf = io.BytesIO()
-    Image.new(mode, size).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def hand_manifest(tmp_path, members, role="train", count=1):
-    write_raw_tar(tmp_path / "s-000000.tar", members)
-    d = {"name": "s", "role": role, "image_size": [8, 8], "mode": "L", "class_names": ["a", "b"] if role == "train" else [], "shards": [{"url": "s-000000.tar", "count": count}]}
-    (tmp_path / "manifest.json").write_text(json.dumps(d))
-    return Manifest.load(tmp_path)
 
 
 @pytest.mark.parametrize(

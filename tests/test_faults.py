@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,8 +18,8 @@ from pathlib import Path
 import optuna
 import psutil
 import pytest
+from conftest import RUNNERS, child_runs, free_port, make_sweep
 from mlflow.tracking import MlflowClient
-from test_tune import RUNNERS, child_runs, make_sweep
 
 from ood_ray import tracking
 from ood_ray.tracking.recorder import SweepRecorder
@@ -109,12 +108,6 @@ def test_nan_trial_fails_with_its_reason_and_killed_worker_resumes(ray_session, 
     states = sorted(t.state.name for t in study.trials)
     assert states == ["COMPLETE", "FAIL"]
     assert client.get_run(out.parent_run_id).data.metrics["trials_failed"] == 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_mlflow_server(db: Path, artifacts: Path, port: int, log: Path) -> subprocess.Popen:

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,9 +19,9 @@ from types import SimpleNamespace
 
 import mlflow
 import pytest
+from conftest import free_port, images, make_checkpoint, png
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from test_serve import images, make_checkpoint, png
 
 from ood_ray.cli import main
 from ood_ray.serving import (
@@ -78,12 +77,6 @@ def store(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _quiet_downloads(monkeypatch):
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_rows_match(rows: list[dict], expected: list[dict], tol: float = 0.0) -> None:

@@ -184,8 +184,8 @@ def test_package_loads_nothing_unsafely():
     found = [f for p in files for f in unsafe_calls(p.read_text(), str(p.relative_to(PACKAGE.parent)))]
     assert not found, "\n".join(found)
     # and the checkpoint readers really call torch.load(..., weights_only=True) (the scan is not vacuous)
-    safe = {p.name for p in files for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load" and any(k.arg == "weights_only" and is_const(k.value, True) for k in node.keywords)}
-    assert {"train.py", "serve.py"} <= safe, safe
+    safe = [p.name for p in files for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load" and any(k.arg == "weights_only" and is_const(k.value, True) for k in node.keywords)]
+    assert safe.count("checkpoint.py") >= 2, safe  # the one checkpoint format: resume and rebuild
 
 
 @pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_TOKEN", "db_password", "x_secret", "RAY_AUTH_TOKEN"])

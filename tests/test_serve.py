@@ -4,7 +4,6 @@ a real sqlite MLflow store; no Ray)."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import subprocess
@@ -17,67 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import CLASSES, PARAMS, SIZE, images, make_checkpoint, png
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from ood_ray.config import TrainConfig
 from ood_ray.engine.evaluate import normalize
-from ood_ray.methods import get_method
-from ood_ray.models import Classifier, build_backbone
 from ood_ray.serving import COLUMNS, OODPredictor, load_model_dir, log_ood_model
-
-PARAMS = {
-    "softmax": {},
-    "outlier_exposure": {"lam": 0.3},
-    "confidence": {"epsilon": 0.002},  # input preprocessing: scoring needs input gradients
-    "dismax": {"alpha": 0.5},
-}
-SIZE = (8, 8)
-CLASSES = [str(i) for i in range(10)]
-
-
-def make_checkpoint(directory, method_name: str, seed: int = 0):
-    """A tiny untrained checkpoint folder as training writes it (state.pt, config.json, model.json)."""
-    params = PARAMS[method_name]
-    torch.manual_seed(seed)
-    method = get_method(method_name, params)
-    backbone = build_backbone("small_cnn", 1, SIZE)
-    model = Classifier(backbone, method.make_head(backbone.num_features, len(CLASSES)))
-    model.train()
-    with torch.no_grad():  # BatchNorm running statistics away from their defaults
-        model(torch.randn(16, 1, *SIZE))
-    if method_name == "dismax":
-        model.head.temperature.fill_(0.7)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "epoch": 0, "method_state": method.initial_state()}
-    torch.save(state, directory / "state.pt")
-    cfg = TrainConfig(method=method_name, method_params=params).to_dict()
-    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
-    meta = {
-        "method": method_name,
-        "method_params": method.params,
-        "backbone": "small_cnn",
-        "class_names": CLASSES,
-        "image_size": list(SIZE),
-        "mode": "L",
-        "default_score": method.default_score,
-        "threshold_score": method.threshold_score,
-        "delta": method.params.get("delta"),
-        "exported_output": "logits",
-        "normalization": "x / 127.5 - 1 on uint8 pixels",
-    }
-    (directory / "model.json").write_text(json.dumps(meta, indent=2))
-    return directory, model.eval(), method
-
-
-def images(n=13, seed=1):
-    return np.random.default_rng(seed).integers(0, 256, size=(n, *SIZE), dtype=np.uint8)
-
-
-def png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a, mode="L").save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def direct(model, method, x: np.ndarray) -> dict[str, np.ndarray]:

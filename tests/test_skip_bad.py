@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import write_toy
-from test_data_io import hand_manifest, png
+from conftest import hand_manifest, png, write_toy
 
 from ood_ray.data import streams
 from ood_ray.data.manifest import DataError

@@ -15,29 +15,16 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
+from conftest import RUNNERS, child_runs, make_sweep
 from mlflow.tracking import MlflowClient
 
 from ood_ray.config import ConfigError, TrainConfig
 from ood_ray.objective import objective_value
-from ood_ray.tuning.config import SweepConfig
 from ood_ray.tuning.report import pareto_front
 from ood_ray.tuning.space import SearchSpace, default_point
 from ood_ray.tuning.sweep import plan_concurrency, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_sweep(tmp_path, data, method, **kw) -> SweepConfig:
-    base = dict(data=str(data), epochs=2, num_workers=1, cpus_per_worker=0.5, storage_path=str(tmp_path / "ray"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="sweeps", delta_tpr=0.95)
-    base.update(kw.pop("base", {}))
-    kw.setdefault("register_name", "")
-    return SweepConfig(method=method, base=TrainConfig.from_dict(base), num_trials=kw.pop("num_trials", 2), **kw)
-
-
-def child_runs(uri, parent_id):
-    client = MlflowClient(uri)
-    exp = client.get_run(parent_id).info.experiment_id
-    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
 def test_objective_uses_val_metrics_and_guards_accuracy():
@@ -106,9 +93,6 @@ def test_cli_tune_rejects_bad_input(tmp_path, capsys):
 
 #: Both ways a trial trains: "tune" (the loop in the Tune trial, automatic for one worker) and
 #: "train" (a Ray Train TorchTrainer, forced here with one worker to keep the suite short).
-RUNNERS = ["tune", "train"]
-
-
 @pytest.mark.parametrize(("method", "runner"), [("dismax", "tune"), ("dismax", "train"), ("outlier_exposure", "tune"), ("confidence", "train")])
 def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method, runner):
     register = f"t-{method}-{runner}" if method == "dismax" else ""

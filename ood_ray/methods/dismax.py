@@ -57,20 +57,7 @@ from torch import nn
 from ..metrics import ece as _ece
 from .base import Method, StepResult, _is_number
 
-__all__ = [
-    "DisMaxHead",
-    "dismax_loss",
-    "fpr_mix",
-    "fpr_loss",
-    "mps",
-    "es",
-    "mds",
-    "mmls",
-    "mmles",
-    "SCORES",
-    "score",
-    "calibrate_temperature",
-]
+__all__ = ["DisMaxHead", "dismax_loss", "fpr_mix", "fpr_loss", "mps", "es", "mds", "mmls", "mmles", "SCORES", "score", "calibrate_temperature"]
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -496,8 +483,6 @@ class DisMax(Method):
         return {"temperature": t, "val_ece_uncalibrated": before}
 
     def temperature(self, model) -> float | None:
-        """The head's calibrated temperature T (a float32 buffer, as its shortest decimal: 0.7)."""
+        """The head's calibrated T (a float32 buffer, given as its shortest decimal: 0.7)."""
         buf = getattr(getattr(model, "head", None), "temperature", None)
-        if not isinstance(buf, torch.Tensor) or buf.numel() != 1:
-            return None
-        return float(str(buf.detach().cpu().reshape(()).numpy()))
+        return float(str(buf.detach().cpu().reshape(()).numpy())) if isinstance(buf, torch.Tensor) and buf.numel() == 1 else None
