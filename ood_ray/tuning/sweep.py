@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import tempfile
 import threading
 import time
@@ -79,6 +80,22 @@ def latest_sweep(storage_path: str, method: str) -> str:
     return found[-1].name
 
 
+#: Modules of the package's first layout that a sweep's saved state may name (pickled by reference).
+OLD_MODULES = re.compile(rb"ood_ray\.(?:tune|trial|serve|evaluate)(?![A-Za-z0-9_.])")
+
+
+def check_layout(folder: Path, name: str) -> None:
+    """Refuse, before anything is touched, to resume a sweep whose saved state (Tune's pickles)
+    names modules this version no longer has: it could not be restored."""
+    for pkl in sorted(folder.glob("*.pkl")):
+        found = OLD_MODULES.search(pkl.read_bytes())
+        if found:
+            raise ConfigError(
+                f"resume: sweep {name!r} was started by an older ood_ray ({pkl.name} needs module {found.group().decode()}); "
+                "resume it with the version that started it, or start a new sweep"
+            )
+
+
 def find_parent(client: MlflowClient, experiment_id: str, name: str):
     runs = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{name}' and tags.`ood_ray.kind` = 'sweep'", max_results=1)
     return runs[0] if runs else None
@@ -107,6 +124,8 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
     if sweep.resume:
         if "://" not in exp_path and not Path(exp_path, "tuner.pkl").exists():
             raise ConfigError(f"resume: {exp_path} holds no sweep to resume (no tuner.pkl)")
+        if "://" not in exp_path:
+            check_layout(Path(exp_path), name)
     elif parent is not None or ("://" not in exp_path and Path(exp_path).exists()):
         raise ConfigError(f"name={name!r}: a sweep of that name exists in {exp_path}; pass --resume to continue it or choose another name")
     space = SearchSpace(sweep.method, base.lr)
@@ -169,7 +188,15 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         recorder = SweepRecorder(base.mlflow_uri, exp_id, parent_id, name, base.epochs, sweep.num_trials, trial_config)
         if sweep.resume:
             say(f"resuming sweep {name!r} from {exp_path}")
-            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+            try:
+                tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+            except ModuleNotFoundError as e:  # the sweep's state names modules of an older package layout
+                if not (e.name or "").startswith("ood_ray"):
+                    raise
+                raise ConfigError(
+                    f"resume: sweep {name!r} in {exp_path} was started by an older ood_ray (its saved state needs module {e.name}); "
+                    "resume it with the version that started it, or start a new sweep"
+                ) from None
         else:
             tuner = tune.Tuner(
                 trainable,
