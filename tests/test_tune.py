@@ -93,9 +93,9 @@ def test_cli_tune_rejects_bad_input(tmp_path, capsys):
 
 #: Both ways a trial trains: "tune" (the loop in the Tune trial, automatic for one worker) and
 #: "train" (a Ray Train TorchTrainer, forced here with one worker to keep the suite short).
-@pytest.mark.parametrize(("method", "runner"), [("dismax", "tune"), ("dismax", "train"), ("outlier_exposure", "tune"), ("confidence", "train")])
+@pytest.mark.parametrize(("method", "runner"), [("dismax", "tune"), ("dismax", "train"), ("outlier_exposure", "tune"), ("confidence", "train"), ("logitnorm", "tune")])
 def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method, runner):
-    register = f"t-{method}-{runner}" if method == "dismax" else ""
+    register = f"t-{method}-{runner}" if method in ("dismax", "logitnorm") else ""
     objective = "acc+auroc" if method == "confidence" else "auroc"  # multi-objective: a Pareto front
     sweep = make_sweep(tmp_path, digits_ood, method, register_name=register, base={"objective": objective}, trial_runner="auto" if runner == "tune" else runner)
     out = run_sweep(sweep)
@@ -154,6 +154,9 @@ def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method, runne
     if method == "confidence":
         assert out.best["metrics"]["posthoc_candidates"] == 6
         assert chosen["method_params"]["epsilon"] == pytest.approx(out.best["metrics"]["chosen_epsilon"])
+    if method == "logitnorm":  # τ is searched, and the trial's τ is the registered model's
+        assert chosen["method_params"]["tau"] == pytest.approx(out.best["config"]["method_params"]["tau"])
+        assert {t["config"]["method_params"]["tau"] for t in out.trials} > {0.04} and out.model_uri == f"models:/{register}/1"
     if method == "dismax":
         assert out.best["metrics"]["posthoc_candidates"] == 4 and out.best["metrics"]["temperature"] > 0
         assert out.model_uri == f"models:/{register}/1"
