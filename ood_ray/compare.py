@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from . import tracking
 from .config import TrainConfig
 from .methods import get_method
+from .progress import say
 from .train import TrainOutcome, run_training
 
 OOD_COLUMNS = ("auroc", "fpr95", "aupr_in")
@@ -45,7 +46,7 @@ def compare_methods(base: TrainConfig, methods: list[str], out: str | None = Non
     outcomes: dict[str, TrainOutcome] = {}
     for name in methods:
         cfg = dataclasses.replace(base, method=name, method_params={}, run_name=f"compare-{name}").validate()
-        print(f"[ood-ray] compare: training {name}", flush=True)
+        say(f"compare: training {name}")
         outcomes[name] = run_training(cfg)
     table = markdown_table(outcomes)
     header = (

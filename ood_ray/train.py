@@ -20,6 +20,7 @@ from .checkpoint import META_FILE, ExportedModel, load_model_dir
 from .config import TrainConfig
 from .engine.build import load_benchmark
 from .methods import get_method
+from .progress import say
 from .ray_train import ensure_ray, make_trainer
 
 
@@ -42,7 +43,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     from mlflow.tracking import MlflowClient  # driver only: Ray workers start faster without mlflow
 
     from . import tracking
-    from .tracking.recorder import EpochLogger
+    from .tracking.epochs import EpochLogger
 
     t0 = time.perf_counter()
     cfg.validate()
@@ -52,7 +53,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     exp_id = tracking.ensure_experiment(client, cfg.experiment)
     run = client.create_run(exp_id, run_name=cfg.run_name, tags={"ood_ray.method": cfg.method, "ood_ray.backbone": cfg.backbone, "ood_ray.data": bench.path})
     run_id = run.info.run_id
-    print(f"[ood-ray] MLflow run {run_id} in experiment {cfg.experiment!r} at {cfg.mlflow_uri}", flush=True)
+    say(f"MLflow run {run_id} in experiment {cfg.experiment!r} at {cfg.mlflow_uri}")
     client.log_batch(run_id, params=tracking.params_of(cfg.to_dict()))
     with tempfile.TemporaryDirectory() as tmp:
         client.log_artifact(run_id, cfg.save(Path(tmp) / "config.json"))

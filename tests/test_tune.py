@@ -91,8 +91,8 @@ def test_cli_tune_rejects_bad_input(tmp_path, capsys):
     assert "delta=2 must lie in [0, 1]" in capsys.readouterr().err
 
 
-#: Both ways a trial trains: "tune" (the loop in the Tune trial, automatic for one worker) and
-#: "train" (a Ray Train TorchTrainer, forced here with one worker to keep the suite short).
+# each trial path ("tune": the loop in the Tune trial; "train": a TorchTrainer, forced with one
+# worker to keep the suite short) with the methods between them
 @pytest.mark.parametrize(("method", "runner"), [("dismax", "tune"), ("dismax", "train"), ("outlier_exposure", "tune"), ("confidence", "train"), ("logitnorm", "tune")])
 def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method, runner):
     register = f"t-{method}-{runner}" if method in ("dismax", "logitnorm") else ""

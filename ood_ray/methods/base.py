@@ -109,7 +109,8 @@ class Method:
         delta = full.get("delta")
         low, high = cls.threshold_range
         if delta is not None and not low <= float(delta) <= high:
-            raise ValueError(f"{cls.name}: delta={delta} must lie in [{low:g}, {high:g}] (the range of its threshold score {cls.threshold_score!r})")
+            what = "a threshold on a probability" if (low, high) == (0.0, 1.0) else f"the range of its threshold score {cls.threshold_score!r}"
+            raise ValueError(f"{cls.name}: delta={delta} must lie in [{low:g}, {high:g}] ({what})")
         for key, value in full.items():
             if _is_number(value) and not math.isfinite(float(value)):
                 raise ValueError(f"{cls.name}: {cls.labels.get(key, key)}={value!r} must be finite")

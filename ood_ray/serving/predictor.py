@@ -91,9 +91,10 @@ class OODPredictor(ImageInput):
         if value is not None:
             value = float(value)
             low, high = self.method.threshold_range
+            what = "a threshold on a probability" if (low, high) == (0.0, 1.0) else f"the range of the threshold score {self.threshold_score!r}"
             if not low <= value <= high:
                 raise ValueError(
-                    f"delta={value} must lie in [{low:g}, {high:g}] (the range of the threshold score {self.threshold_score!r}) or be None"
+                    f"delta={value} must lie in [{low:g}, {high:g}] ({what}) or be None"
                 )
         self._delta = value
 
@@ -109,7 +110,7 @@ class OODPredictor(ImageInput):
         other.delta = delta
         return other
 
-    # -- input -------------------------------------------------------------------------------
+    # -- input: image_array / to_batch of ImageInput (images.py) --------------------------------
 
     # -- scoring -----------------------------------------------------------------------------
 
@@ -121,7 +122,7 @@ class OODPredictor(ImageInput):
         with grad:
             for i in range(0, len(batch), self.batch_size):
                 x = torch.from_numpy(batch[i : i + self.batch_size]).to(self.device)
-                x = x.float().div_(127.5).sub_(1.0)  # as ood_ray.evaluate.normalize
+                x = x.float().div_(127.5).sub_(1.0)  # as ood_ray.engine.evaluate.normalize
                 out = self.method.eval_batch(self.model, x)
                 for k, v in out.items():
                     parts.setdefault(k, []).append(v.detach().float().cpu().numpy())

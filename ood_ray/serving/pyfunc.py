@@ -119,8 +119,8 @@ def log_ood_model(
     The model is ``OODPyfuncModel`` with the folder as artifact "checkpoint" and a copy of the
     ``ood_ray`` package as code (so it loads where ``ood_ray`` is not installed), pinned
     requirements of the serving packages (no ray), and ``metadata`` with the method, default and
-    threshold score, δ, class names, image size, mode, backbone and (DisMax, or a ``temperature``
-    method parameter) the temperature.
+    threshold score, δ, class names, image size, mode, backbone and (when the method declares one,
+    ``Method.temperature``) the calibration temperature.
 
     Without ``input_example`` the model has no signature and MLflow passes any input through:
     arrays and DataFrames of encoded images both work. With one, the example is checked by

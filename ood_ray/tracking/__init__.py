@@ -1,7 +1,8 @@
-"""MLflow: the store (``store``) and the recorders of Ray's reports (``recorder``).
+"""MLflow: the store (``store``) and the recorders of Ray's reports (``epochs.EpochLogger`` for a
+training run, ``recorder.SweepRecorder`` for a sweep).
 
 Only driver-side processes write to MLflow. ``from ood_ray import tracking`` gives the store API;
-``tracking.recorder`` imports Ray and is imported where it is needed.
+``tracking.epochs`` and ``tracking.recorder`` import Ray and are imported where they are needed.
 """
 
 from ..config import TrackingError

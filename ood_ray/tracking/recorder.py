@@ -1,8 +1,6 @@
-"""Recording Ray's reports in MLflow, from the driver side only (so a sqlite store is safe).
-
-``EpochLogger`` (a Ray Train callback, in the Train controller) logs each epoch of one training
-run; ``SweepRecorder`` (a Ray Tune callback, in the sweep driver) keeps one child run per trial
-under the sweep's parent run, resume-safe and tolerant of MLflow outages.
+"""Recording a sweep in MLflow from its driver (so a sqlite store is safe): ``SweepRecorder``, a
+Ray Tune callback that keeps one child run per trial under the sweep's parent run, resume-safe and
+tolerant of MLflow outages. (One training run's epochs: ``epochs.EpochLogger``.)
 """
 
 from __future__ import annotations
@@ -15,9 +13,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 from ray import tune
-from ray.train import UserCallback
 
-from ..methods import METHODS
 from ..progress import say
 from .store import log_metrics, params_of
 
@@ -32,22 +28,9 @@ METRIC_PREFIXES = ("val_", "train_", "state_", "chosen_", "skipped_")
 
 def is_metric(key: str) -> bool:
     """Whether a report key is one of ours (Tune adds its own: timestamps, pid, ...)."""
+    from ..methods import METHODS  # the sweep driver has them imported already
+
     return key.startswith(METRIC_PREFIXES) or key in METRIC_KEYS or any(key in m.calibration_keys for m in METHODS.values())
-
-
-class EpochLogger(UserCallback):
-    """Ray Train callback (runs in the controller): logs each epoch's report to an MLflow run."""
-
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if not metrics:
-            return
-        m = metrics[0]
-        log_metrics(MlflowClient(self.tracking_uri), self.run_id, m, step=int(m.get("epoch", 0)))
-
 
 
 class SweepRecorder(tune.Callback):

@@ -78,9 +78,8 @@ def artifact_root(uri: str) -> str | None:
     MLflow's default for a new experiment is ``./mlruns`` relative to whatever the working
     directory is, which Ray changes. Tracking servers manage their own artifact store.
     """
-    if uri.startswith("sqlite:///"):
-        return str(Path(uri[len("sqlite:///") :]).parent / "mlartifacts")
-    return None
+    db = sqlite_file(uri)
+    return str(db.parent / "mlartifacts") if db is not None else None
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:

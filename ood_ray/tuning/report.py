@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from .. import tracking
 from ..checkpoint import load_model_dir
-from ..methods import get_method
+from ..methods import METHODS, get_method
 from ..progress import say
 from ..tracking.recorder import checkpoint_of, find_trial_run, trial_id_of
 from .config import SweepConfig
@@ -104,7 +104,8 @@ def finish_sweep(sweep: SweepConfig, grid, client: MlflowClient, parent_id: str,
         test_metrics = evaluation["test"]
         artifacts = write_artifacts(sweep, client, parent_id, trials, best, default, evaluation)
         model_uri = logging_model.result() if logging_model else None
-    metrics = {f"best_{k}": v for k, v in best["metrics"].items() if k.startswith("val_") or k in ("objective", "temperature") or k.startswith("chosen_")}
+    keep = ("objective", *METHODS[sweep.method].calibration_keys)
+    metrics = {f"best_{k}": v for k, v in best["metrics"].items() if k.startswith(("val_", "chosen_")) or k in keep}
     metrics.update({f"best_{k}": v for k, v in test_metrics.items()})
     if default is not None:
         metrics.update({f"default_{k}": v for k, v in default["metrics"].items() if k in ("objective", "val_acc", "val_auroc", "val_fpr95")})
