@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -199,6 +201,17 @@ def test_asha_stops_a_bad_trial(ray_session, digits_ood, tmp_path, runner):
         assert len(pids) == 3, pids
 
 
+def study_ready(db: Path, name: str) -> bool:
+    """Whether the sweep driver has created the Optuna study in ``db`` (read-only: no write races)."""
+    if not db.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            return con.execute("select count(*) from studies where study_name = ?", (name,)).fetchone()[0] > 0
+    except sqlite3.Error:  # tables not there yet
+        return False
+
+
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_resume_after_the_driver_is_killed(ray_session, digits_ood, tmp_path, runner, capsys):
     """Kill the sweep's driver after its first trial; --resume finishes without rerunning it."""
@@ -212,6 +225,8 @@ def test_resume_after_the_driver_is_killed(ray_session, digits_ood, tmp_path, ru
     first = None
     while time.time() < deadline and proc.poll() is None:
         time.sleep(1)
+        if not study_ready(tmp_path / "ray" / "optuna" / "rs.db", "rs"):
+            continue  # opening it now would race the driver creating its tables
         try:
             study = optuna.load_study(study_name="rs", storage=study_db)
         except Exception:  # noqa: BLE001 - not created yet
