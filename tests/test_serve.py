@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -319,3 +320,31 @@ def run_without_ood_ray(model_dir: str, x: np.ndarray, tmp_path) -> pd.DataFrame
         pytest.skip("ood_ray is importable from site-packages; cannot hide it")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return pd.read_json(out, orient="split", dtype=False)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` gray pixels, with no pixel data at all."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def test_image_size_is_refused_from_the_header_before_decoding(tmp_path):
+    """A tiny file may declare a huge image: every serving entry refuses it on its declared size
+    (decoding would fail here, there being no pixel data, and would cost its size in memory)."""
+    _, model, method = make_checkpoint(tmp_path / "ckpt", "softmax")
+    predictor = OODPredictor.from_dir(tmp_path / "ckpt")
+    bomb = png_header_only(13000, 13000)
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    expected = "image size mismatch: the model expects 8x8 (HxW) with 1 channel(s) (mode L), got 13000x13000"
+    for entry in (
+        lambda: predictor.image_array(tmp_path / "bomb.png"),  # ood-ray predict
+        lambda: predictor.predict([bomb]),  # bytes
+        lambda: predictor.predict(pd.DataFrame({"image": [base64.b64encode(bomb).decode()]})),  # mlflow models serve
+    ):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            entry()

@@ -105,6 +105,7 @@ class ImageInput:
                 if not path.is_file():
                     raise FileNotFoundError(f"image file not found: {path}")
                 with Image.open(path) as img:
+                    self._check_header(img)
                     img.load()
                     return img
             data = _decode_string(item)  # not a file: base64 (or a data: URI) of PNG/JPEG bytes
@@ -115,13 +116,26 @@ class ImageInput:
         else:
             raise ValueError(f"cannot read an image from a {type(item).__name__}")
         try:
-            img = Image.open(io.BytesIO(data))
-            img.load()
+            img = Image.open(io.BytesIO(data))  # reads the header only
         except Exception as e:  # noqa: BLE001 - PIL raises several types for undecodable data
             raise ValueError(
                 f"cannot decode image bytes as PNG/JPEG/... ({type(e).__name__}: {e})"
             ) from None
+        self._check_header(img)
+        try:
+            img.load()
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(
+                f"cannot decode image bytes as PNG/JPEG/... ({type(e).__name__}: {e})"
+            ) from None
         return img
+
+    def _check_header(self, img: Image.Image) -> None:
+        """Refuse an image of the wrong size from its header, before its pixels are decoded (a small
+        file can declare a huge image: decoding it first would cost its whole size in memory)."""
+        w, h = img.size
+        if (h, w) != self.image_size:
+            raise self._size_error((h, w))
 
     def _from_image(self, img: Image.Image) -> np.ndarray:
         if img.mode != self.mode:
@@ -149,13 +163,16 @@ class ImageInput:
             if not path.is_file():
                 raise ValueError(f"{where}: not a file")
             try:
-                with Image.open(path) as img:
-                    img.load()
-                    img = img.copy()
+                opened = Image.open(path)  # reads the header only
             except Exception as e:  # noqa: BLE001 - PIL raises several types for undecodable data
-                raise ValueError(
-                    f"{where}: not a readable image ({type(e).__name__}: {e})"
-                ) from None
+                raise ValueError(f"{where}: not a readable image ({type(e).__name__}: {e})") from None
+            with opened:
+                self._prefixed(where, self._check_header, opened)
+                try:
+                    opened.load()
+                    img = opened.copy()
+                except Exception as e:  # noqa: BLE001
+                    raise ValueError(f"{where}: not a readable image ({type(e).__name__}: {e})") from None
             return self._prefixed(where, self._from_image, img)
         where = name or f"image of type {type(item).__name__}"
         if isinstance(item, torch.Tensor):
