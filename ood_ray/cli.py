@@ -9,7 +9,7 @@ import typing
 from pathlib import Path
 
 from .config import ConfigError, TrackingError, TrainConfig
-from .data.manifest import GROUPS, ROLES, DataError
+from .data.manifest import DEFAULT_READ_CMD, GROUPS, ROLES, DataError
 
 
 def _parse_value(text: str):
@@ -144,13 +144,11 @@ def cmd_verify(ns: argparse.Namespace) -> int:
 
     path = Path(ns.path)
     is_bench = path.name == "benchmark.json" or (path.is_dir() and (path / "benchmark.json").exists())
-    if is_bench:
-        b = Benchmark.load(path, verify=True)
-        for m in b.all_manifests():
-            print(f"ok  {m.role:<9}{m.name:<22}{m.num_samples:>7} samples in {len(m.shards)} shards")
-    else:
-        m = Manifest.load(path, verify=True)
+    manifests = Benchmark.load(path, verify=True).all_manifests() if is_bench else [Manifest.load(path, verify=True)]
+    for m in manifests:
         print(f"ok  {m.role:<9}{m.name:<22}{m.num_samples:>7} samples in {len(m.shards)} shards")
+        for command in m.commands():  # what reading it will run (allowed: see OOD_RAY_ALLOW_PIPE)
+            print(f"    runs: {command}")
     return 0
 
 
@@ -192,6 +190,8 @@ def cmd_shard(ns: argparse.Namespace) -> int:
         m = writer.write_array_shards(arrays["images"], arrays["labels"], ns.out, class_names=names, **kw)
     where = f" (shards uploaded to {ns.upload})" if ns.upload else ""
     print(f"wrote {len(m.shards)} shards, {m.num_samples} samples: {m.path}{where}")
+    if ns.upload and kw["upload"].get != DEFAULT_READ_CMD:
+        print(f"reading them runs {kw['upload'].get!r}: allow it where they are read with OOD_RAY_ALLOW_PIPE={kw['upload'].get!r}")
     return 0
 
 

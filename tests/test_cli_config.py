@@ -9,6 +9,7 @@ import pytest
 
 from ood_ray.cli import main
 from ood_ray.config import ConfigError, TrainConfig, normalize_tracking_uri
+from ood_ray.data.manifest import DataError
 from ood_ray.tracking import TrackingError, check_tracking
 
 
@@ -132,7 +133,7 @@ def test_sqlite_artifacts_live_beside_the_database(tmp_path, monkeypatch):
     assert exp.artifact_location.endswith(f"{tmp_path}/db/mlartifacts/e")
 
 
-def test_cli_shard_upload_streams_back_through_pipe_urls(tmp_path, capsys):
+def test_cli_shard_upload_streams_back_through_pipe_urls(tmp_path, capsys, monkeypatch):
     """``--upload`` sends each shard away as it is written; the manifest reads them via pipe: URLs.
 
     The "remote" is a local folder and the commands are cp/cat, standing in for aws s3 cp.
@@ -152,6 +153,10 @@ def test_cli_shard_upload_streams_back_through_pipe_urls(tmp_path, capsys):
     assert main([*argv, "--upload", str(remote), "--upload-cmd", "cp {src} {dst}", "--read-cmd", "cat {url}"]) == 0
     assert sorted(p.name for p in remote.iterdir()) == ["manifest.json", "up-000000.tar", "up-000001.tar", "up-000002.tar"]
     assert sorted(p.name for p in (tmp_path / "local").iterdir()) == ["manifest.json"]  # no local shard left
+    assert "OOD_RAY_ALLOW_PIPE='cat {url}'" in capsys.readouterr().out  # a custom read command must be allowed
+    with pytest.raises(DataError, match=r"shards\[0\]\.url would run the shell command 'cat "):
+        Manifest.load(tmp_path / "local")
+    monkeypatch.setenv("OOD_RAY_ALLOW_PIPE", "cat {url}")
     m = Manifest.load(tmp_path / "local")
     assert all(u.startswith("pipe:cat ") for u in m.urls())
     got = sorted((k, int(y)) for _, ys, ks in eval_batches(m, 0, 1, 7) for k, y in zip(ks, ys, strict=True))

@@ -188,3 +188,42 @@ def test_benchmark_checks_roles_and_sizes(tmp_path):
     (tmp_path / "benchmark.json").write_text(json.dumps(spec))
     with pytest.raises(DataError, match="role is 'val', expected 'test'"):
         Benchmark.load(tmp_path)
+
+
+def test_a_manifest_cannot_run_shell_commands(tmp_path, capsys, monkeypatch):
+    """pipe: URLs run only commands of an allowed template; a hostile manifest runs nothing."""
+    import shlex
+
+    from ood_ray.cli import main
+
+    monkeypatch.delenv("OOD_RAY_ALLOW_PIPE", raising=False)
+    m = write_toy(tmp_path / "set", n=10, maxcount=10)
+    marker = tmp_path / "pwned"
+    real = m.urls()[0]
+    d = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    hostile = [
+        f"pipe:touch {marker}; cat {real}",
+        f"pipe:aws s3 cp --only-show-errors s3://b/x.tar - ; touch {marker}",
+        f"pipe:aws s3 cp --only-show-errors $(touch {marker}) -",
+        f"pipe:aws s3 cp --only-show-errors s3://b/x.tar {marker}",  # a download to a local path
+    ]
+    for url in hostile:
+        d["shards"][0]["url"] = url
+        (tmp_path / "set" / "manifest.json").write_text(json.dumps(d))
+        with pytest.raises(DataError, match=r"shards\[0\]\.url would run the shell command"):
+            Manifest.load(tmp_path / "set")
+        assert main(["data", "verify", str(tmp_path / "set")]) == 2
+        assert "OOD_RAY_ALLOW_PIPE" in capsys.readouterr().err
+    assert not marker.exists()
+    # what the writer writes for the default read command is allowed and listed by verify
+    d["shards"][0]["url"] = "pipe:" + "aws s3 cp --only-show-errors {url} -".format(url=shlex.quote("s3://b/a b.tar"))
+    (tmp_path / "set" / "manifest.json").write_text(json.dumps(d))
+    assert main(["data", "verify", str(tmp_path / "set")]) == 0
+    assert "runs: aws s3 cp --only-show-errors 's3://b/a b.tar' -" in capsys.readouterr().out
+    # an opt-in for manifests one trusts
+    d["shards"][0]["url"] = f"pipe:cat {real}"
+    (tmp_path / "set" / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(DataError):
+        Manifest.load(tmp_path / "set")
+    monkeypatch.setenv("OOD_RAY_ALLOW_PIPE", "cat {url}")
+    assert Manifest.load(tmp_path / "set").commands() == [f"cat {real}"]

@@ -29,6 +29,71 @@ class DataError(ValueError):
     """A problem with data files: manifest, shard or sample. The message names the culprit."""
 
 
+#: ``pipe:`` URLs run a shell command. A manifest is data that people download and share, so the
+#: command of a ``pipe:`` URL runs only when it is an instance of an allowed template: the
+#: template with ``{url}`` replaced by one shell-quoted argument (``shlex.quote``), exactly as
+#: ``ood-ray data shard --upload`` writes it. Allowed: the default read command below, and the
+#: templates in ``$OOD_RAY_ALLOW_PIPE`` (separated by ``;``), or any command when it is ``*``.
+ALLOW_PIPE_ENV = "OOD_RAY_ALLOW_PIPE"
+DEFAULT_READ_CMD = "aws s3 cp --only-show-errors {url} -"
+_SHELL_SPECIAL = set("$`\\'\"\n\r;&|<>(){}*?[]!#~")
+
+
+def check_read_template(template: str) -> None:
+    """A read command template must be plain words with ``{url}`` as one of them: no shell syntax."""
+    words = template.split()
+    if not words or "{url}" not in words or any(set(w.replace("{url}", "")) & _SHELL_SPECIAL for w in words):
+        raise DataError(
+            f"read command {template!r}: use plain words with {{url}} as one of them "
+            "(no quotes, pipes, redirections, ';', '$' or globs), e.g. 'aws s3 cp {url} -'"
+        )
+
+
+def allowed_read_templates() -> list[str] | None:
+    """The allowed ``pipe:`` command templates; None when any command is allowed (``*``)."""
+    extra = [t.strip() for t in os.environ.get(ALLOW_PIPE_ENV, "").split(";") if t.strip()]
+    if "*" in extra:
+        return None
+    return [DEFAULT_READ_CMD, *extra]
+
+
+def pipe_allowed(command: str) -> bool:
+    """Whether ``command`` (a ``pipe:`` URL without the prefix) may run (see ``ALLOW_PIPE_ENV``)."""
+    import shlex
+
+    templates = allowed_read_templates()
+    if templates is None:
+        return True
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return False
+    for template in templates:
+        try:
+            check_read_template(template)
+        except DataError:
+            continue
+        parts = template.split()
+        if len(parts) != len(words):
+            continue
+        url = words[parts.index("{url}")]
+        if url and not url.startswith("-") and command == template.format(url=shlex.quote(url)):
+            return True
+    return False
+
+
+def check_pipes(manifest_shards, where: str) -> None:
+    """Refuse a manifest whose ``pipe:`` URLs would run commands that are not allowed."""
+    for i, s in enumerate(manifest_shards):
+        if isinstance(s.url, str) and s.url.startswith("pipe:") and not pipe_allowed(s.url[len("pipe:") :]):
+            raise DataError(
+                f"{where}: shards[{i}].url would run the shell command {s.url[len('pipe:'):]!r}; a manifest is data, "
+                f"so its pipe: commands run only when they match an allowed template: set {ALLOW_PIPE_ENV} to the "
+                f"read command that wrote them (e.g. 'gsutil cat {{url}}'; several separated by ';'), or to '*' for "
+                "manifests you trust"
+            )
+
+
 def is_remote(url: str) -> bool:
     return url.startswith(("http://", "https://", "pipe:", "s3://", "gs://"))
 
@@ -182,9 +247,14 @@ class Manifest:
     def load(cls, path: str | Path, verify: bool = False) -> Manifest:
         path, d = read_json(path, "manifest.json", "manifest")
         m = cls.from_dict(d, path=str(path.resolve()))
+        check_pipes(m.shards, m.path)
         if verify:
             m.verify()
         return m
+
+    def commands(self) -> list[str]:
+        """The shell commands this manifest's ``pipe:`` URLs run (``ood-ray data verify`` lists them)."""
+        return [u[len("pipe:") :] for u in self.urls() if u.startswith("pipe:")]
 
     def verify(self) -> None:
         """Check that local shards exist and match their recorded sha256.

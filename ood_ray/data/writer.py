@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .manifest import (
+    DEFAULT_READ_CMD,
     FORMAT_VERSION,
     MODES,
     OOD_LABEL,
@@ -26,6 +27,7 @@ from .manifest import (
     DataError,
     Manifest,
     ShardInfo,
+    check_read_template,
     sha256_file,
 )
 
@@ -78,11 +80,12 @@ class Upload:
     once uploaded, so a data set larger than the local disk can be written.
     """
 
-    def __init__(self, dest: str, put: str = "aws s3 cp --only-show-errors {src} {dst}", get: str = "aws s3 cp --only-show-errors {url} -"):
+    def __init__(self, dest: str, put: str = "aws s3 cp --only-show-errors {src} {dst}", get: str = DEFAULT_READ_CMD):
         for cmd, keys in ((put, ("{src}", "{dst}")), (get, ("{url}",))):
             missing = [k for k in keys if k not in cmd]
             if missing:
                 raise DataError(f"upload command {cmd!r} lacks {', '.join(missing)}")
+        check_read_template(get)  # it goes into the manifest, where only plain commands may run
         self.dest, self.put, self.get = dest.rstrip("/"), put, get
 
     def send(self, local: str | Path) -> str:
