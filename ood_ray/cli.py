@@ -8,7 +8,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import ConfigError, TrackingError, TrainConfig
+from .config import ConfigError, TrackingError, TrainConfig, redact
 from .data.manifest import DEFAULT_READ_CMD, GROUPS, ROLES, DataError
 
 
@@ -90,8 +90,8 @@ def cmd_tune(ns: argparse.Namespace) -> int:
     )
     outcome = run_sweep(sweep)
     print()
-    print(format_outcome(outcome))
-    print(f"browse: mlflow ui --backend-store-uri {base.mlflow_uri}")
+    print(redact(format_outcome(outcome)))
+    print(f"browse: mlflow ui --backend-store-uri {redact(base.mlflow_uri)}")
     return 0
 
 
@@ -111,8 +111,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
         if pre + "auroc" in m:
             print(f"  {name:<14}{m[pre + 'auroc']:>8.4f}{m[pre + 'fpr95']:>8.4f}{m[pre + 'fpr95_in']:>10.4f}{m[pre + 'aupr_in']:>9.4f}{m[pre + 'aupr_out']:>10.4f}")
     print(f"  MLflow run {out.run_id} (experiment {out.experiment!r})")
-    print(f"  checkpoint {out.checkpoint_path}")
-    print(f"  browse: mlflow ui --backend-store-uri {out.tracking_uri}")
+    print(f"  checkpoint {redact(out.checkpoint_path)}")
+    print(f"  browse: mlflow ui --backend-store-uri {redact(out.tracking_uri)}")
     return 0
 
 
@@ -206,7 +206,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         predictor = load_predictor(ns.model, ns.tracking_uri, delta=ns.delta)
         rows = predict(predictor, ns.images)
     except (ModelLoadError, FileNotFoundError, ValueError) as e:  # messages name the URI / file
-        print(f"ood-ray: error: {e}", file=sys.stderr)
+        print(f"ood-ray: error: {redact(str(e))}", file=sys.stderr)
         return 2
     for r in rows:
         if ns.json:
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return ns.fn(ns)
     except (ConfigError, DataError, TrackingError) as e:
-        print(f"ood-ray: error: {e}", file=sys.stderr)
+        print(f"ood-ray: error: {redact(str(e))}", file=sys.stderr)
         return 2
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,31 @@ class ConfigError(ValueError):
 
 class TrackingError(RuntimeError):
     """The MLflow store cannot be used; the message names the URI."""
+
+
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@'\"]*):[^/\s@'\"]*@")
+_SECRET_QUERY = re.compile(
+    r"(?i)(?P<head>[?&;][A-Za-z0-9_.-]*(?:password|passwd|pwd|token|secret|signature|sig|credential|key|auth)=)[^&\s'\"#]+"
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` and the value of every
+    secret-looking query parameter (``?password=``, ``&token=``, ``X-Amz-Signature=``...) replaced by
+    ``***``. Applied to everything ood_ray records or prints: MLflow params and tags, config.json,
+    sweep artifacts, progress lines and error messages."""
+    return _SECRET_QUERY.sub(r"\g<head>***", _USERINFO.sub(r"\g<head>:***@", text))
+
+
+def redacted(obj):
+    """``obj`` (dicts, lists, strings, ...) with ``redact`` applied to every string in it."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {k: redacted(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(redacted(v) for v in obj)
+    return obj
 
 
 def results_dir() -> Path:
@@ -244,7 +270,7 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        path.write_text(json.dumps(redacted(self.to_dict()), indent=2, sort_keys=True) + "\n")
         return path
 
 

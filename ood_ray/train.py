@@ -64,7 +64,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
             raise TrainingDiverged(result.metrics["diverged"])
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
-        client.set_tag(run_id, "ood_ray.checkpoint", result.checkpoint.path)
+        tracking.set_tag(client, run_id, "ood_ray.checkpoint", result.checkpoint.path)
         with result.checkpoint.as_directory() as d:
             model, meta, _ = load_model_dir(d)
             client.log_artifact(run_id, str(Path(d) / META_FILE))
@@ -76,7 +76,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
             tracking.log_pytorch_model(ExportedModel(model, get_method(cfg.method, cfg.method_params)), example)
         client.set_terminated(run_id, "FINISHED")
     except BaseException as e:
-        client.set_tag(run_id, "ood_ray.error", f"{type(e).__name__}: {e}"[:5000])
+        tracking.set_tag(client, run_id, "ood_ray.error", f"{type(e).__name__}: {e}"[:5000])
         client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     wall = time.perf_counter() - t0

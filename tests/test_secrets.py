@@ -192,3 +192,44 @@ def test_package_loads_nothing_unsafely():
 def test_secret_key_pattern(name):
     assert SECRET_KEY.search(name)
     assert not SECRET_KEY.search("method_params.lam") and not SECRET_KEY.search("mlflow.source.name")
+
+
+# --- credentials inside URIs -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,shown",
+    [
+        ("https://user:PW@mlflow.example.org", "https://user:***@mlflow.example.org"),
+        ("postgresql://u:PW@db:5432/optuna", "postgresql://u:***@db:5432/optuna"),
+        ("s3://bucket/run?X-Amz-Signature=PW&X-Amz-Credential=PW&part=1", "s3://bucket/run?X-Amz-Signature=***&X-Amz-Credential=***&part=1"),
+        ("https://h/api?token=PW", "https://h/api?token=***"),
+        ("server https://a:PW@h is unreachable (https://a:PW@h/health)", "server https://a:***@h is unreachable (https://a:***@h/health)"),
+    ],
+)
+def test_uri_credentials_are_masked(text, shown):
+    from ood_ray.config import redact
+
+    assert redact(text) == shown
+    for plain in ("sqlite:////tmp/mlflow.db", "http://127.0.0.1:5000", "s3://bucket/prefix", "/data/a:b@c", "user@host"):
+        assert redact(plain) == plain
+
+
+def test_uri_credentials_never_reach_params_config_or_messages(tmp_path, capsys):
+    """A password in --mlflow-uri, --storage-path or --optuna-storage is in no MLflow param, no
+    config.json and no message (the MLflow server here does not exist: the run stops at its check)."""
+    from ood_ray.cli import main
+    from ood_ray.config import TrainConfig
+    from ood_ray.tracking import params_of
+    from ood_ray.tuning.config import SweepConfig
+
+    cfg = TrainConfig.from_dict({"mlflow_uri": f"https://u:{SENTINEL}@127.0.0.1:9", "storage_path": f"s3://bucket/ray?token={SENTINEL}"})
+    sweep = SweepConfig(base=cfg, optuna_storage=f"postgresql://u:{SENTINEL}@db/optuna")
+    params = params_of({**sweep.to_dict(), "base": cfg.to_dict()})
+    assert not [p for p in params if SENTINEL in p.value] and any("u:***@127.0.0.1:9" in p.value for p in params)
+    assert SENTINEL not in cfg.save(tmp_path / "config.json").read_text()
+    for command in ("train", "tune"):
+        argv = [command, "--method", "softmax", "--mlflow-uri", f"https://u:{SENTINEL}@127.0.0.1:9", "--storage-path", str(tmp_path / "ray")]
+        assert main(argv) == 2
+        out = capsys.readouterr()
+        assert "https://u:***@127.0.0.1:9 is unreachable" in out.err and SENTINEL not in out.err + out.out

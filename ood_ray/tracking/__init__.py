@@ -15,6 +15,7 @@ from .store import (
     log_metrics,
     log_pytorch_model,
     params_of,
+    set_tag,
     sqlite_file,
 )
 
@@ -28,5 +29,6 @@ __all__ = [
     "log_metrics",
     "log_pytorch_model",
     "params_of",
+    "set_tag",
     "sqlite_file",
 ]

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from ..progress import say
-from .store import log_metrics, params_of
+from .store import log_metrics, params_of, set_tag
 
 TRIAL_TAG = "ood_ray.trial_id"
 SWEEP_TAG = "ood_ray.sweep"
@@ -164,14 +164,14 @@ class SweepRecorder(tune.Callback):
             if epoch > self.logged.get(tid, 0):
                 log_metrics(self.client, run_id, metrics, epoch)
                 if "ood_ray.checkpoint" in metrics:
-                    self.client.set_tag(run_id, "ood_ray.checkpoint", metrics["ood_ray.checkpoint"])
+                    set_tag(self.client, run_id, "ood_ray.checkpoint", metrics["ood_ray.checkpoint"])
                 self.logged[tid] = epoch
             del self.pending[tid][epoch]
         self.pending.pop(tid, None)
         if tid in self.ends:
             status, note = self.ends[tid]
             if self.client.get_run(run_id).info.status != status:
-                self.client.set_tag(run_id, "ood_ray.outcome", note)
+                set_tag(self.client, run_id, "ood_ray.outcome", note)
                 self.client.set_terminated(run_id, status)
             del self.ends[tid]
 

@@ -15,7 +15,7 @@ import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from ..config import TrackingError  # noqa: F401 - raised here, defined light for the CLI
+from ..config import TrackingError, redact
 
 MAX_PARAM_LEN = 6000
 
@@ -102,7 +102,13 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
 
 
 def params_of(config: dict) -> list[Param]:
-    return [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flatten(config).items())]
+    """MLflow params of a (nested) config; credentials in URIs are masked."""
+    return [Param(k, redact(str(v))[:MAX_PARAM_LEN]) for k, v in sorted(flatten(config).items())]
+
+
+def set_tag(client: MlflowClient, run_id: str, key: str, value) -> None:
+    """``client.set_tag`` with credentials in the value masked (paths, URIs, error messages)."""
+    client.set_tag(run_id, key, redact(str(value)))
 
 
 def numeric_metrics(metrics: dict) -> dict[str, float]:

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from .. import tracking
 from ..checkpoint import load_model_dir
+from ..config import redacted
 from ..methods import METHODS, get_method
 from ..progress import say
 from ..tracking.recorder import checkpoint_of, find_trial_run, trial_id_of
@@ -115,12 +116,12 @@ def finish_sweep(sweep: SweepConfig, grid, client: MlflowClient, parent_id: str,
     wall = time.perf_counter() - t0
     metrics["wall_time_s"] = wall
     tracking.log_metrics(client, parent_id, metrics, step=0)
-    client.set_tag(parent_id, "ood_ray.best_trial", best["trial_id"])
-    client.set_tag(parent_id, "ood_ray.best_checkpoint", best["checkpoint"])
+    tracking.set_tag(client, parent_id, "ood_ray.best_trial", best["trial_id"])
+    tracking.set_tag(client, parent_id, "ood_ray.best_checkpoint", best["checkpoint"])
     if best_run is not None:
-        client.set_tag(parent_id, "ood_ray.best_run", best_run)
+        tracking.set_tag(client, parent_id, "ood_ray.best_run", best_run)
     if model_uri:
-        client.set_tag(parent_id, "ood_ray.model_uri", model_uri)
+        tracking.set_tag(client, parent_id, "ood_ray.model_uri", model_uri)
     client.set_terminated(parent_id, "FINISHED")
     return SweepOutcome(sweep.name, parent_id, best, default, test_metrics, pareto, trials, wall, exp_path, model_uri, artifacts)
 
@@ -208,8 +209,8 @@ def write_artifacts(sweep, client, parent_id, trials, best, default, evaluation)
             curves = {"before calibration (T=1)": softmax(logits * t), f"after calibration (T={t:.4g})": softmax(logits)}
         plots.reliability_diagram(curves, labels, out / "reliability_val.png", title="validation ID reliability")
         (out / "test_table.md").write_text(f"# Best trial {best['trial_id']} on the test split ({score})\n\n" + test_table(evaluation["test"]))
-        (out / "best_trial.json").write_text(json.dumps({k: best[k] for k in ("trial_id", "objective", "val_acc", "val_auroc", "checkpoint", "config")}, indent=2, default=str) + "\n")
-        (out / "trials.json").write_text(json.dumps([{k: t_[k] for k in ("trial_id", "status", "epochs", "objective", "val_acc", "val_auroc", "checkpoint", "error")} for t_ in trials], indent=2, default=str) + "\n")
+        (out / "best_trial.json").write_text(json.dumps(redacted({k: best[k] for k in ("trial_id", "objective", "val_acc", "val_auroc", "checkpoint", "config")}), indent=2, default=str) + "\n")
+        (out / "trials.json").write_text(json.dumps(redacted([{k: t_[k] for k in ("trial_id", "status", "epochs", "objective", "val_acc", "val_auroc", "checkpoint", "error")} for t_ in trials]), indent=2, default=str) + "\n")
         try:
             study = optuna.load_study(study_name=sweep.name, storage=sweep.optuna_url(sweep.name))
             notes = plots.optuna_plots(study, out)

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from .. import ray_compat, tracking
-from ..config import ConfigError
+from ..config import ConfigError, redacted
 from ..engine.build import load_benchmark
 from ..methods import METHODS
 from ..objective import objective_metrics
@@ -137,7 +137,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         client.log_batch(parent.info.run_id, params=tracking.params_of({**args, "base": base.to_dict()}))
         with tempfile.TemporaryDirectory() as tmp:
             Path(tmp, "search_space.json").write_text(json.dumps({"space": space.describe(), "posthoc_grid": METHODS[sweep.method].posthoc_grid()}, indent=2) + "\n")
-            Path(tmp, "sweep.json").write_text(json.dumps(sweep.to_dict(), indent=2, default=str) + "\n")
+            Path(tmp, "sweep.json").write_text(json.dumps(redacted(sweep.to_dict()), indent=2, default=str) + "\n")
             client.log_artifacts(parent.info.run_id, tmp)
     else:
         # the restored trials keep the path they started on (sweeps before trial_runner: "train")
@@ -240,7 +240,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
             raise
     except BaseException as e:
         try:
-            client.set_tag(parent_id, "ood_ray.error", f"{type(e).__name__}: {e}"[:5000])
+            tracking.set_tag(client, parent_id, "ood_ray.error", f"{type(e).__name__}: {e}"[:5000])
             client.set_terminated(parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         except Exception as also:  # noqa: BLE001 - MLflow itself may be what failed; keep the first error
             warnings.warn(f"could not mark the MLflow parent run {parent_id} as failed ({type(also).__name__})", stacklevel=2)
@@ -273,5 +273,5 @@ def close_orphans(sweep: SweepConfig, client: MlflowClient, parent_id: str, know
     exp = client.get_run(parent_id).info.experiment_id
     for run in client.search_runs([exp], f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'"):
         if run.data.tags.get(TRIAL_TAG) not in known:
-            client.set_tag(run.info.run_id, "ood_ray.outcome", "interrupted before the sweep's state was saved; not resumed")
+            tracking.set_tag(client, run.info.run_id, "ood_ray.outcome", "interrupted before the sweep's state was saved; not resumed")
             client.set_terminated(run.info.run_id, "KILLED")
