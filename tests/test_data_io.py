@@ -11,7 +11,7 @@ from PIL import Image
 
 from ood_ray.data.manifest import Benchmark, DataError, Manifest
 from ood_ray.data.streams import ShardTask, eval_batches, read_shard
-from ood_ray.data.writer import write_array_shards, write_folder_shards
+from ood_ray.data.writer import write_array_shards, write_folder_shards, write_shards
 
 
 def read_all(m: Manifest):
@@ -227,3 +227,50 @@ def test_a_manifest_cannot_run_shell_commands(tmp_path, capsys, monkeypatch):
         Manifest.load(tmp_path / "set")
     monkeypatch.setenv("OOD_RAY_ALLOW_PIPE", "cat {url}")
     assert Manifest.load(tmp_path / "set").commands() == [f"cat {real}"]
+
+
+def test_shard_never_destroys_data(tmp_path, capsys):
+    """A failed or interrupted rewrite keeps the previous set; only files the previous manifest
+    listed are removed; other sets' shards and a hostile --name are left alone or refused."""
+    from ood_ray.cli import main
+
+    out = tmp_path / "out"
+    good = write_toy(out, n=30, maxcount=10, name="train")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "train-val-000000.tar").write_bytes(b"another set")  # shares the prefix
+    (out / "train-backup.tar").write_bytes(b"a backup")
+
+    def failing():  # the rerun fails after 15 samples (bad label)
+        for i in range(15):
+            yield f"k{i}", np.zeros((8, 8), np.uint8), 0
+        yield "bad", np.zeros((8, 8), np.uint8), 7
+
+    with pytest.raises(DataError, match="label 7"):
+        write_shards(failing(), out, name="train", role="train", class_names=["c0", "c1", "c2"], image_size=(8, 8), mode="L", maxcount=10, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before  # the old set, intact
+    assert Manifest.load(out, verify=True).num_samples == good.num_samples
+    assert (out / "train-val-000000.tar").exists() and (out / "train-backup.tar").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+    def interrupted():
+        yield "k0", np.zeros((8, 8), np.uint8), 0
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(interrupted(), out, name="train", role="train", class_names=["c0"], image_size=(8, 8), mode="L", progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
+
+    # a successful rewrite with fewer shards removes exactly the old set's leftover shard
+    new = write_array_shards(np.zeros((12, 8, 8), np.uint8), [0] * 12, out, name="train", role="train", class_names=["c0"], maxcount=10, progress=False)
+    assert len(new.shards) == 2 and not (out / "train-000002.tar").exists()
+    assert (out / "train-val-000000.tar").exists() and (out / "train-backup.tar").exists()
+    Manifest.load(out, verify=True)
+
+    np.savez(tmp_path / "a.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.zeros(4, int))
+    for bad in ("*", "../parent", "a/b", ""):
+        assert main(["data", "shard", "--npz", str(tmp_path / "a.npz"), "--out", str(out), "--name", bad, "--role", "train"]) == 2
+        assert "name=" in capsys.readouterr().err
+    assert not (tmp_path / "parent-000000.tar").exists() and (out / "train-backup.tar").exists()
+    (tmp_path / "file").write_text("x")
+    assert main(["data", "shard", "--npz", str(tmp_path / "a.npz"), "--out", str(tmp_path / "file"), "--name", "x", "--role", "train"]) == 2
+    assert "is a file" in capsys.readouterr().err

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from .manifest import (
     Manifest,
     ShardInfo,
     check_read_template,
+    is_remote,
     sha256_file,
 )
 
@@ -127,6 +131,11 @@ def write_shards(
 ) -> Manifest:
     """Write ``(key, image, label)`` samples to ``out_dir/{name}-NNNNNN.tar`` and ``manifest.json``.
 
+    Nothing in ``out_dir`` changes until every sample is written: the set is written to a temporary
+    folder beside it and moved in at the end, so a failed or interrupted run leaves the previous
+    set as it was. Then only the shard files the previous ``manifest.json`` listed (and the new
+    set does not reuse) are removed; other files are never touched.
+
     With ``upload``, each shard is sent to remote storage as soon as it is complete and deleted
     locally; the manifest (kept in ``out_dir`` and uploaded beside the shards) points to the
     remote copies.
@@ -146,10 +155,43 @@ def write_shards(
     is_ood = role in OOD_ROLES
     if not is_ood and not class_names:
         raise DataError(f"role {role!r} needs class names")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
+        raise DataError(f"name={name!r}: use letters, digits, '.', '_' and '-' (it names the shard files inside --out)")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} is a file, not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob(f"{name}-*.tar"):
-        old.unlink()
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.writing-", dir=out_dir))
+    try:
+        manifest = _write_staged(samples, staging, name=name, role=role, image_size=image_size, mode=mode, class_names=class_names, group=group, description=description, encoding=encoding, maxcount=maxcount, maxsize=maxsize, total=total, resize=resize, progress=progress, upload=upload)
+        _swap_in(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    manifest.path = str((out_dir / "manifest.json").resolve())
+    if upload is not None:
+        upload.send(out_dir / "manifest.json")
+    return manifest
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Move a finished set from ``staging`` into ``out_dir``, the manifest last; then remove the
+    shard files only the previous manifest listed."""
+    old: set[str] = set()
+    try:
+        previous = Manifest.load(out_dir)
+        old = {s.url for s in previous.shards if not is_remote(s.url) and not os.path.isabs(s.url) and "/" not in s.url}
+    except DataError:
+        pass  # no readable previous manifest: nothing to clean up
+    new = sorted(p.name for p in staging.iterdir() if p.name != "manifest.json")
+    for fname in new:
+        os.replace(staging / fname, out_dir / fname)
+    os.replace(staging / "manifest.json", out_dir / "manifest.json")
+    for fname in sorted(old - set(new)):
+        (out_dir / fname).unlink(missing_ok=True)
+
+
+def _write_staged(samples, out_dir: Path, *, name, role, image_size, mode, class_names, group, description, encoding, maxcount, maxsize, total, resize, progress, upload) -> Manifest:
+    is_ood = role in OOD_ROLES
     size = (int(image_size[0]), int(image_size[1]))
     finished: list[str] = []
     counts: list[int] = []
@@ -209,8 +251,6 @@ def write_shards(
         format_version=FORMAT_VERSION,
     )
     manifest.save(out_dir / "manifest.json")
-    if upload is not None:
-        upload.send(out_dir / "manifest.json")
     return manifest
 
 
