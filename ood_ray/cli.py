@@ -12,10 +12,18 @@ from .config import ConfigError, TrackingError, TrainConfig, redact
 from .data.manifest import DEFAULT_READ_CMD, GROUPS, ROLES, DataError
 
 
-def _parse_value(text: str):
+def _parse_value(item: str, text: str):
+    """A ``--param`` value as YAML (numbers, lists, null...); a YAML error names the flag."""
+    import re
+
     import yaml
 
-    return yaml.safe_load(text)
+    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", text.strip()):
+        return float(text)  # 1e9: YAML 1.1 reads exponents without a dot as strings
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--param {item!r}: not a YAML value ({str(e).splitlines()[0]})") from None
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +55,7 @@ def config_from_args(ns: argparse.Namespace, defaults: dict | None = None) -> Tr
             if "=" not in item:
                 raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
             k, v = item.split("=", 1)
-            params[k] = _parse_value(v)
+            params[k] = _parse_value(item, v)
         overrides["method_params"] = params
     if ns.config:
         return TrainConfig.from_file(ns.config, defaults=defaults, **overrides)
@@ -161,6 +169,8 @@ def cmd_shard(ns: argparse.Namespace) -> int:
     elif ns.upload_cmd or ns.read_cmd:
         raise DataError("--upload-cmd/--read-cmd need --upload DEST")
     if ns.image_size:
+        if not all(0 < v <= 65536 for v in ns.image_size):
+            raise DataError(f"--image-size {' '.join(map(str, ns.image_size))}: height and width must lie in [1, 65536]")
         kw["image_size"] = tuple(ns.image_size)
     if ns.mode:
         kw["mode"] = ns.mode
@@ -184,10 +194,16 @@ def cmd_shard(ns: argparse.Namespace) -> int:
         for key in ("images", "labels"):
             if key not in arrays:
                 raise DataError(f"{ns.npz}: no array named {key!r} (found: {', '.join(arrays.files)})")
-        names = ns.class_names or [str(i) for i in range(int(arrays["labels"].max()) + 1)]
+        try:
+            images, labels = arrays["images"], arrays["labels"]
+        except ValueError as e:  # e.g. object arrays, which would need unpickling
+            raise DataError(f"{ns.npz}: cannot read its arrays ({e})") from None
+        if len(images) == 0 or len(images) != len(labels):
+            raise DataError(f"{ns.npz}: 'images' ({len(images)}) and 'labels' ({len(labels)}) must be non-empty and of one length")
+        names = ns.class_names or [str(i) for i in range(int(labels.max()) + 1)]
         if ns.role in ("outlier", "ood-val", "ood-test"):
             names = []
-        m = writer.write_array_shards(arrays["images"], arrays["labels"], ns.out, class_names=names, **kw)
+        m = writer.write_array_shards(images, labels, ns.out, class_names=names, **kw)
     where = f" (shards uploaded to {ns.upload})" if ns.upload else ""
     print(f"wrote {len(m.shards)} shards, {m.num_samples} samples: {m.path}{where}")
     if ns.upload and kw["upload"].get != DEFAULT_READ_CMD:
@@ -223,6 +239,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ood-ray", description="Train and tune OOD detectors on Ray, tracked in MLflow.")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one model on Ray Train and log it to MLflow")
@@ -299,13 +316,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Errors that come from what the user gave (a value, a file, an image, a missing tool): one line
+#: and exit 2. Anything else is a bug: one line saying so and exit 1. ``--debug`` shows the traceback.
+USER_ERRORS = (ConfigError, DataError, TrackingError, ValueError, TypeError, KeyError, IndexError, OSError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         return ns.fn(ns)
-    except (ConfigError, DataError, TrackingError) as e:
-        print(f"ood-ray: error: {redact(str(e))}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if ns.debug:
+            raise
+        print("ood-ray: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place every failure becomes one line
+        if ns.debug:
+            raise
+        ours = isinstance(e, ConfigError | DataError | TrackingError)
+        text = redact(str(e) if ours else f"{type(e).__name__}: {e}").strip()
+        line = text if ours else (text.splitlines() or [type(e).__name__])[0]
+        if isinstance(e, USER_ERRORS) or type(e).__name__ in ("DecompressionBombError", "YAMLError", "ModelLoadError"):
+            print(f"ood-ray: error: {line}" + ("" if ours else " (--debug shows the traceback)"), file=sys.stderr)
+            return 2
+        print(f"ood-ray: internal error: {line} (--debug shows the traceback; please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

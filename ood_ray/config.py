@@ -62,6 +62,21 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_dir() / 'mlflow.db'}"
 
 
+#: Upper bounds of integer fields (seeds: what numpy and scikit-learn accept).
+LIMITS = {
+    "epochs": 100_000,
+    "batch_size": 1 << 20,
+    "eval_batch_size": 1 << 20,
+    "num_workers": 4096,
+    "augment_pad": 1024,
+    "loader_workers": 256,
+    "shuffle_buffer": 10_000_000,
+    "max_failures": 1000,
+    "seed": 2**32 - 1,
+    "data_seed": 2**32 - 1,
+}
+
+
 @dataclass
 class TrainConfig:
     # what to train
@@ -188,6 +203,10 @@ class TrainConfig:
         for name in ("augment_pad", "loader_workers", "max_failures", "shuffle_buffer", "seed", "data_seed"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
+        # sane upper bounds, checked here rather than failing (or stalling) inside the workers
+        for name, most in LIMITS.items():
+            if getattr(self, name) > most:
+                bad(name, f"must be <= {most}")
         if not 0.0 <= self.momentum < 1.0:
             bad("momentum", "must lie in [0, 1)")
         if not self.step_gamma > 0:
@@ -259,8 +278,14 @@ class TrainConfig:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} is not a file")
         try:
             d = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (a YAML or JSON config was expected)") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML/JSON ({e})") from None
         if not isinstance(d, dict):

@@ -6,8 +6,10 @@ called directly (cluster resources passed as a dict), and once through the CLI.
 
 from __future__ import annotations
 
+import json
 import re
 
+import numpy as np
 import pytest
 
 from ood_ray.config import ConfigError, TrainConfig
@@ -295,3 +297,64 @@ def test_cli_train_rejects_before_any_work(tmp_path, capsys, monkeypatch, argv, 
 def test_sweep_config_types_from_python(kw, key):
     with pytest.raises(ConfigError, match=rf"^{key}="):
         SweepConfig(method="softmax", base=TrainConfig(), **kw).validate()
+
+
+# --- every failure is one line, exit 2 (the traceback only with --debug) ----------------------
+
+
+@pytest.fixture()
+def bad_files(tmp_path):
+    from PIL import Image
+
+    np.savez(tmp_path / "obj.npz", images=np.array([object()], dtype=object), labels=np.zeros(1))
+    np.savez(tmp_path / "empty.npz", images=np.zeros((0, 8, 8), np.uint8), labels=np.zeros(0, int))
+    np.savez(tmp_path / "ok.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.zeros(4, int))
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(256)))
+    for name, url in (("null", None), ("number", 5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"name": "m", "role": "train", "image_size": [8, 8], "mode": "L", "class_names": ["a"], "shards": [{"url": url, "count": 1}]}))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "bomb" / "c0").mkdir(parents=True)
+    Image.new("L", (12000, 16000)).save(tmp_path / "bomb" / "c0" / "big.png")  # 192 Mpx: above PIL's bomb limit
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "argv,named",
+    [
+        (["train", "--param", "lam=["], "--param 'lam=['"),
+        (["train", "--method", "outlier_exposure", "--param", 'lam=!!python/object/apply:os.system ["id"]'], "not a YAML value"),
+        (["train", "--config", "{d}/bin.yaml"], "bin.yaml: not a text file"),
+        (["train", "--config", "{d}"], "is not a file"),
+        (["train", "--data-seed", "4294967296"], "data_seed=4294967296"),
+        (["train", "--epochs", "10000000"], "epochs=10000000"),
+        (["train", "--augment-pad", "1000000000"], "augment_pad=1000000000"),
+        (["train", "--method", "outlier_exposure", "--param", "outlier_ratio=1e9"], "outlier_ratio=1000000000.0"),
+        (["data", "verify", "{d}/null"], "shards[0].url must be a non-empty string, got None"),
+        (["data", "verify", "{d}/number"], "shards[0].url must be a non-empty string, got 5"),
+        (["data", "verify", "{d}/ok.npz"], "ok.npz: not a text file"),
+        (["data", "build-default", "--out", "{d}/bd", "--seed", "-1"], "seed must be a non-negative int, got -1"),
+        (["data", "build-default", "--out", "{d}/afile"], "afile"),
+        (["data", "shard", "--npz", "{d}/obj.npz", "--out", "{d}/o", "--name", "x", "--role", "train"], "obj.npz: cannot read its arrays"),
+        (["data", "shard", "--npz", "{d}/empty.npz", "--out", "{d}/o", "--name", "x", "--role", "train"], "empty.npz: 'images' (0)"),
+        (["data", "shard", "--npz", "{d}/ok.npz", "--out", "{d}/o", "--name", "x", "--role", "train", "--image-size", "0", "0"], "--image-size 0 0"),
+        (["data", "shard", "--npz", "{d}/ok.npz", "--out", "{d}/o", "--name", "x", "--role", "train", "--upload", "{d}/up", "--upload-cmd", "cp {{src}} {{dst}} {{x}}"], "upload command 'cp {src} {dst} {x}'"),
+        (["data", "shard", "--folder", "{d}/bomb", "--out", "{d}/o", "--name", "x", "--role", "train", "--image-size", "8", "8", "--mode", "L"], "big.png: cannot read image"),
+    ],
+)
+def test_cli_failures_are_one_line(bad_files, capsys, argv, named):
+    from ood_ray.cli import main
+
+    argv = [a.format(d=bad_files) for a in argv]
+    storage = ["--storage-path", str(bad_files / "ray"), "--mlflow-uri", f"sqlite:///{bad_files}/mlflow.db"] if argv[0] == "train" else []
+    assert main([*argv, *storage]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ood-ray: error: ") and named in err, err
+    assert "Traceback" not in err and not (bad_files / "ray").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from ood_ray.cli import main
+
+    with pytest.raises(ConfigError, match="epochs=10000000"):
+        main(["--debug", "train", "--epochs", "10000000", "--storage-path", str(tmp_path / "ray")])

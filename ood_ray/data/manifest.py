@@ -117,6 +117,10 @@ def read_json(path: str | Path, default_name: str, what: str) -> tuple[Path, obj
         return path, json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text file (a JSON {what} was expected)") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 @dataclass
@@ -218,6 +222,8 @@ class Manifest:
         for i, s in enumerate(d["shards"]):
             if not isinstance(s, dict) or "url" not in s or "count" not in s:
                 raise DataError(f"{where}: shards[{i}] needs 'url' and 'count'")
+            if not isinstance(s["url"], str) or not s["url"].strip() or "\x00" in s["url"]:
+                raise DataError(f"{where}: shards[{i}].url must be a non-empty string, got {s['url']!r}")
             if not isinstance(s["count"], int) or s["count"] < 0:
                 raise DataError(f"{where}: shards[{i}].count must be a non-negative int, got {s['count']!r}")
             shards.append(ShardInfo(url=s["url"], count=s["count"], sha256=s.get("sha256")))

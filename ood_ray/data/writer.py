@@ -90,6 +90,11 @@ class Upload:
             if missing:
                 raise DataError(f"upload command {cmd!r} lacks {', '.join(missing)}")
         check_read_template(get)  # it goes into the manifest, where only plain commands may run
+        for cmd, fields in ((put, {"src": "", "dst": ""}), (get, {"url": ""})):
+            try:
+                cmd.format(**fields)
+            except (KeyError, IndexError, ValueError):
+                raise DataError(f"upload command {cmd!r}: only {', '.join('{' + k + '}' for k in fields)} may stand in braces") from None
         self.dest, self.put, self.get = dest.rstrip("/"), put, get
 
     def send(self, local: str | Path) -> str:
@@ -212,26 +217,28 @@ def _write_staged(samples, out_dir: Path, *, name, role, image_size, mode, class
     seen: set[str] = set()
     pattern = str(out_dir / f"{name}-%06d.tar")
     bar = tqdm(total=total, desc=f"writing {name}", unit="img", disable=not progress, leave=False)
-    # mtime is an int: a float (even 0.0) makes tarfile's PAX format add a pax header to every member
-    with wds.ShardWriter(
-        pattern, maxcount=maxcount, maxsize=maxsize, post=shard_done, verbose=0, mtime=0, user="ood_ray", group="ood_ray"
-    ) as sink:
-        for key, image, label in samples:
-            where = f"sample {key!r}"
-            if "." in key or "/" in key:
-                raise DataError(f"{where}: keys may not contain '.' or '/'")
-            if key in seen:
-                raise DataError(f"{where}: duplicate key")
-            seen.add(key)
-            label = int(label)
-            if is_ood and label != OOD_LABEL:
-                raise DataError(f"{where}: label {label} for role {role!r}; outlier/OOD samples carry -1")
-            if not is_ood and not 0 <= label < len(class_names):
-                raise DataError(f"{where}: label {label} outside [0, {len(class_names)}) for {name!r}")
-            img = to_pil(image, mode, size, where, resize=resize)
-            sink.write({"__key__": key, encoding: encode_image(img, encoding), "cls": str(label).encode()})
-            bar.update(1)
-    bar.close()
+    try:
+        # mtime is an int: a float (even 0.0) makes tarfile's PAX format add a pax header to every member
+        with wds.ShardWriter(
+            pattern, maxcount=maxcount, maxsize=maxsize, post=shard_done, verbose=0, mtime=0, user="ood_ray", group="ood_ray"
+        ) as sink:
+            for key, image, label in samples:
+                where = f"sample {key!r}"
+                if "." in key or "/" in key:
+                    raise DataError(f"{where}: keys may not contain '.' or '/'")
+                if key in seen:
+                    raise DataError(f"{where}: duplicate key")
+                seen.add(key)
+                label = int(label)
+                if is_ood and label != OOD_LABEL:
+                    raise DataError(f"{where}: label {label} for role {role!r}; outlier/OOD samples carry -1")
+                if not is_ood and not 0 <= label < len(class_names):
+                    raise DataError(f"{where}: label {label} outside [0, {len(class_names)}) for {name!r}")
+                img = to_pil(image, mode, size, where, resize=resize)
+                sink.write({"__key__": key, encoding: encode_image(img, encoding), "cls": str(label).encode()})
+                bar.update(1)
+    finally:
+        bar.close()  # clears its line, so an error message starts on a clean one
     if not seen:
         for f in finished:
             if os.path.exists(f):
@@ -292,8 +299,11 @@ def write_folder_shards(root: str | Path, out_dir: str | Path, *, role: str, ima
     root = Path(root)
     classes, items = folder_samples(root)
     if image_size is None:
-        with Image.open(items[0][1]) as im:
-            image_size = (im.size[1], im.size[0])
+        try:
+            with Image.open(items[0][1]) as im:
+                image_size = (im.size[1], im.size[0])
+        except (OSError, Image.DecompressionBombError) as e:
+            raise DataError(f"{items[0][1]}: cannot read image ({e})") from None
 
     def gen():
         for key, f, y in items:
@@ -301,7 +311,7 @@ def write_folder_shards(root: str | Path, out_dir: str | Path, *, role: str, ima
                 with Image.open(f) as im:
                     im.load()
                     img = im.copy()
-            except OSError as e:
+            except (OSError, Image.DecompressionBombError) as e:
                 raise DataError(f"{f}: cannot read image ({e})") from None
             yield key, img, (OOD_LABEL if role in OOD_ROLES else y)
 

@@ -92,6 +92,11 @@ class OutlierExposure(Method):
     def make_head(self, num_features: int, num_classes: int) -> nn.Module:
         return nn.Linear(num_features, num_classes)
 
+    @classmethod
+    def validate(cls, params: dict) -> None:
+        if params["outlier_ratio"] > 64:
+            raise ValueError(f"outlier_exposure: outlier_ratio={params['outlier_ratio']!r} must be <= 64 outlier images per ID image")
+
     def outlier_batch(self, batch_size: int) -> int:
         """``outlier_ratio`` outlier images per ID image (the paper: 2)."""
         return int(self.params["outlier_ratio"] * batch_size)
