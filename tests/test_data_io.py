@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -274,3 +275,30 @@ def test_shard_never_destroys_data(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["data", "shard", "--npz", str(tmp_path / "a.npz"), "--out", str(tmp_path / "file"), "--name", "x", "--role", "train"]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        ({"class_names": "abc"}, "class_names must be a list of strings"),
+        ({"image_size": [True, 8]}, "image_size must be [height, width]"),
+        ({"image_size": [10**9, 8]}, "image_size must be [height, width]"),
+        ({"encoding": "exe"}, "encoding 'exe' is not one of"),
+        ({"shards": [{"url": "s-000000.tar", "count": 10**12}]}, "shards[0].count must be an int in [0, 1000000000]"),
+    ],
+)
+def test_manifest_values_are_checked_when_loaded(tmp_path, change, named):
+    d = {"name": "s", "role": "train", "image_size": [8, 8], "mode": "L", "class_names": ["a", "b"], "shards": [{"url": "s-000000.tar", "count": 1}]}
+    (tmp_path / "manifest.json").write_text(json.dumps({**d, **change}))
+    with pytest.raises(DataError, match=re.escape(named)):
+        Manifest.load(tmp_path)
+
+
+def test_planning_does_not_walk_every_sample():
+    """A rank's share is counted in O(shards): a manifest of 2 x 10^9 samples plans at once."""
+    from ood_ray.data.streams import batches_per_epoch, samples_per_rank
+
+    m = Manifest.from_dict({"name": "big", "role": "train", "image_size": [8, 8], "mode": "L", "class_names": ["a"], "shards": [{"url": f"/x/big-{i}.tar", "count": 10**9} for i in range(3)]})
+    per_rank = samples_per_rank(m, world=2)
+    assert sum(per_rank) == 3 * 10**9 and max(per_rank) - min(per_rank) <= 1
+    assert batches_per_epoch(m, world=2, batch_size=1000) == min(per_rank) // 1000

@@ -81,3 +81,22 @@ def test_short_rank_stream_ends_quietly_when_skipping(tmp_path, skipping):
     streams.set_skip_bad_samples(False)
     with pytest.raises(DataError, match="toy-000001.tar"):
         list(train_batches(m, 0, 1, 8, epoch=0))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_extra_samples_in_an_overlong_shard_are_bad_samples(tmp_path, skipping, world):
+    """A shard holding more samples than its manifest says: the extra ones are skipped and counted
+    (the plan, and so every rank's batch count, rests on the manifest's counts)."""
+    import shutil
+
+    m = write_toy(tmp_path / "a", n=30, maxcount=10)
+    big = write_toy(tmp_path / "b", n=25, maxcount=25, name="toy", seed=1)
+    shutil.copy(big.urls()[0], m.urls()[1])  # shard 1 now holds 25 samples, the manifest says 10
+    got, skipped = [], 0
+    for rank in range(world):
+        got += keys_of(eval_batches(m, rank, world, 7))
+        skipped += take_skipped().get("toy", 0)
+    assert skipped == 15 and len(got) == 30  # the 10 samples the manifest promised for shard 1 are read
+    streams.set_skip_bad_samples(False)
+    with pytest.raises(DataError, match="holds 25 samples, the manifest says 10"):
+        list(eval_batches(m, 0, 1, 7))

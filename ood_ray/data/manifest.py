@@ -23,6 +23,9 @@ ROLES = ID_ROLES + OOD_ROLES
 MODES = {"L": 1, "RGB": 3}
 GROUPS = ("near", "far")
 OOD_LABEL = -1
+MAX_SHARD_SAMPLES = 10**9
+#: Image field names a manifest may declare: "raw" (uint8 bytes) or a format PIL decodes.
+ENCODINGS = ("png", "raw", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
 
 
 class DataError(ValueError):
@@ -210,9 +213,9 @@ class Manifest:
         if (
             not isinstance(size, list | tuple)
             or len(size) != 2
-            or not all(isinstance(v, int) and v > 0 for v in size)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 65536 for v in size)
         ):
-            raise DataError(f"{where}: image_size must be [height, width] positive ints, got {size!r}")
+            raise DataError(f"{where}: image_size must be [height, width], ints in [1, 65536], got {size!r}")
         group = d.get("group")
         if group is not None and group not in GROUPS:
             raise DataError(f"{where}: group {group!r} is not one of {', '.join(GROUPS)}")
@@ -224,10 +227,15 @@ class Manifest:
                 raise DataError(f"{where}: shards[{i}] needs 'url' and 'count'")
             if not isinstance(s["url"], str) or not s["url"].strip() or "\x00" in s["url"]:
                 raise DataError(f"{where}: shards[{i}].url must be a non-empty string, got {s['url']!r}")
-            if not isinstance(s["count"], int) or s["count"] < 0:
-                raise DataError(f"{where}: shards[{i}].count must be a non-negative int, got {s['count']!r}")
+            if not isinstance(s["count"], int) or isinstance(s["count"], bool) or not 0 <= s["count"] <= MAX_SHARD_SAMPLES:
+                raise DataError(f"{where}: shards[{i}].count must be an int in [0, {MAX_SHARD_SAMPLES}], got {s['count']!r}")
             shards.append(ShardInfo(url=s["url"], count=s["count"], sha256=s.get("sha256")))
-        class_names = list(d.get("class_names", []))
+        class_names = d.get("class_names", [])
+        if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
+            raise DataError(f"{where}: class_names must be a list of strings, got {class_names!r}"[:300])
+        encoding = d.get("encoding", "png")
+        if encoding not in ENCODINGS:
+            raise DataError(f"{where}: encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
         if d["role"] in ID_ROLES and not class_names:
             raise DataError(f"{where}: role {d['role']!r} needs class_names")
         m = cls(
@@ -238,7 +246,7 @@ class Manifest:
             shards=shards,
             class_names=class_names,
             group=group,
-            encoding=d.get("encoding", "png"),
+            encoding=encoding,
             description=d.get("description", ""),
             format_version=version,
             path=path,

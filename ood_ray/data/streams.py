@@ -82,9 +82,25 @@ class ShardTask:
         return self.offset is None or (self.offset + j) % self.world == self.rank
 
     def kept(self) -> int:
+        return self.kept_between(0, self.count)
+
+    def kept_between(self, start: int, stop: int) -> int:
+        """How many of the shard's samples ``start <= j < stop`` this rank keeps (O(1))."""
         if self.offset is None:
-            return self.count
-        return sum(1 for j in range(self.count) if self.keeps(j))
+            return max(stop - start, 0)
+
+        def upto(n: int) -> int:  # k in [0, n) with k % world == rank
+            return max((n - self.rank + self.world - 1) // self.world, 0)
+
+        return max(upto(self.offset + stop) - upto(self.offset + start), 0)
+
+
+class ShardLengthError(DataError):
+    """A shard holds another number of samples than its manifest says."""
+
+    def __init__(self, message: str, found: int, expected: int):
+        super().__init__(message)
+        self.found, self.expected = found, expected
 
 
 def plan_epoch(manifest: Manifest, rank: int, world: int, epoch: int = 0, seed: int = 0, shuffle: bool = True) -> list[ShardTask]:
@@ -129,7 +145,7 @@ def read_shard(task: ShardTask) -> Iterator[dict]:
         samples = local_tar_samples(task.url)
     try:
         for sample in samples:
-            if task.keeps(n):
+            if n < task.count and task.keeps(n):  # samples beyond the manifest's count are not used
                 yield sample
             n += 1
     except DataError:
@@ -137,9 +153,11 @@ def read_shard(task: ShardTask) -> Iterator[dict]:
     except (tarfile.TarError, OSError, ValueError, EOFError) as e:
         raise DataError(f"shard {task.url}: cannot read ({type(e).__name__}: {e})") from e
     if n != task.count:
-        raise DataError(
+        raise ShardLengthError(
             f"shard {task.url}: holds {n} samples, the manifest says {task.count} "
-            "(truncated or replaced shard?)"
+            "(truncated or replaced shard?)",
+            n,
+            task.count,
         )
 
 
@@ -283,7 +301,8 @@ class RankShards(IterableDataset):
                     kept += 1
                     yield sample
             except DataError as e:  # the rest of this shard is lost; count what the manifest promised
-                self._skip(max(t.kept() - kept, 0), str(e))
+                extra = t.kept_between(e.expected, e.found) if isinstance(e, ShardLengthError) else 0  # samples beyond its count
+                self._skip(max(t.kept() - kept, 0) + extra, str(e))
 
     def _read_decoded(self, tasks: list[ShardTask]) -> Iterator[tuple[np.ndarray, int, str]]:
         """Decoded samples of ``tasks`` from this process's cache; a shard's first read fills it.
