@@ -348,3 +348,16 @@ def test_image_size_is_refused_from_the_header_before_decoding(tmp_path):
     ):
         with pytest.raises(ValueError, match=re.escape(expected)):
             entry()
+
+
+def test_unknown_score_name_in_the_model_card_is_refused(tmp_path, capsys):
+    from ood_ray.cli import main
+
+    directory, _, _ = make_checkpoint(tmp_path / "ckpt", "softmax")
+    meta = json.loads((directory / "model.json").read_text())
+    (directory / "model.json").write_text(json.dumps({**meta, "threshold_score": "mahalanobis"}))
+    with pytest.raises(ValueError, match="model.json: threshold_score 'mahalanobis' is not a score of method 'softmax'"):
+        OODPredictor.from_dir(directory)
+    (tmp_path / "x.png").write_bytes(png())
+    assert main(["predict", "--model", str(directory), str(tmp_path / "x.png")]) == 2
+    assert "threshold_score 'mahalanobis'" in capsys.readouterr().err

@@ -80,6 +80,10 @@ class OODPredictor(ImageInput):
         ImageInput.__init__(self, meta["mode"], meta["image_size"])
         self.default_score: str = meta.get("default_score", self.method.default_score)
         self.threshold_score: str = meta.get("threshold_score", self.method.threshold_score)
+        names = self.method.score_names()
+        for key in ("default_score", "threshold_score"):
+            if getattr(self, key) not in names:
+                raise ValueError(f"{META_FILE}: {key} {getattr(self, key)!r} is not a score of method {self.method.name!r} ({', '.join(names)})")
         self.delta = meta.get("delta", self.method.params.get("delta")) if delta is _KEEP else delta
 
     @property
