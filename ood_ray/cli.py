@@ -140,9 +140,9 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
 
 def cmd_build_default(ns: argparse.Namespace) -> int:
-    from .data.default import build_default
+    from .data.default import build_default_locked
 
-    path = build_default(ns.out, seed=ns.seed, progress=True)
+    path = build_default_locked(ns.out, seed=ns.seed, progress=True)
     print(f"wrote {path}")
     return 0
 

@@ -302,3 +302,31 @@ def test_planning_does_not_walk_every_sample():
     per_rank = samples_per_rank(m, world=2)
     assert sum(per_rank) == 3 * 10**9 and max(per_rank) - min(per_rank) <= 1
     assert batches_per_epoch(m, world=2, batch_size=1000) == min(per_rank) // 1000
+
+
+def test_a_failed_upload_sends_no_partial_shard_and_stale_staging_is_removed(tmp_path):
+    from ood_ray.data.writer import Upload
+
+    remote = tmp_path / "bucket"
+    remote.mkdir()
+    upload = Upload(str(remote), put="cp {src} {dst}", get="cat {url}")
+
+    def samples(fail_at):
+        for i in range(25):
+            if i == fail_at:
+                raise RuntimeError("source failed")
+            yield f"k{i}", np.zeros((8, 8), np.uint8), 0
+
+    out = tmp_path / "out"
+    write_shards(samples(None), out, name="up", role="train", class_names=["a"], image_size=(8, 8), mode="L", maxcount=10, progress=False, upload=upload)
+    good = {p.name: p.read_bytes() for p in remote.iterdir()}
+    assert sorted(good) == ["manifest.json", "up-000000.tar", "up-000001.tar", "up-000002.tar"]
+    with pytest.raises(RuntimeError, match="source failed"):
+        write_shards(samples(15), out, name="up", role="train", class_names=["a"], image_size=(8, 8), mode="L", maxcount=10, progress=False, upload=upload)
+    # shard 0 was re-sent whole; the partial shard 1 was not sent over the good remote copy
+    assert {p.name: p.read_bytes() for p in remote.iterdir()}["up-000001.tar"] == good["up-000001.tar"]
+    # a staging folder of a killed run (its process is gone) is removed by the next run
+    stale = out / ".up.writing-999999999-abc"
+    stale.mkdir()
+    write_shards(samples(None), out, name="up", role="train", class_names=["a"], image_size=(8, 8), mode="L", maxcount=10, progress=False)
+    assert not stale.exists() and not [p for p in out.iterdir() if p.name.startswith(".")]

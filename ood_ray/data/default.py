@@ -59,7 +59,7 @@ from .sources import (
     random_crops,
     uniform_noise,
 )
-from .writer import write_array_shards
+from .writer import remove_stale, write_array_shards
 
 DEFAULT_NAME = "digits-ood"
 DEFAULT_VERSION = 2  # 2: tar members without pax headers (int mtime)
@@ -210,6 +210,8 @@ def build_default(out_dir: str | Path, seed: int = 0, progress: bool = False) ->
     """
     seed = _check_seed(seed)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / SPEC_FILE
     spec_path.unlink(missing_ok=True)
@@ -296,6 +298,15 @@ def _file_lock(path: Path):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def build_default_locked(out_dir: str | Path, seed: int = 0, progress: bool = False) -> Path:
+    """``build_default`` holding the same lock as ``ensure_default`` (``ood-ray data build-default``),
+    so two builds into one folder never interleave."""
+    out = Path(out_dir).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(out.parent / f".{out.name}.lock"):
+        return build_default(out, seed=seed, progress=progress)
+
+
 def ensure_default(seed: int = 0, data_dir: str | Path | None = None) -> Path:
     """Return the ``benchmark.json`` of ``digits-ood`` for ``seed``, building it first if missing.
 
@@ -323,8 +334,9 @@ def _build_into(target: Path, seed: int) -> None:
     if target.is_dir() and any(target.iterdir()):
         build_default(target, seed)
         return
+    remove_stale(target.parent, f".{target.name}.tmp-")  # left by a build that was killed
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     except OSError:  # parent not writable: build in place
         build_default(target, seed)
         return

@@ -166,7 +166,8 @@ def write_shards(
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir} is a file, not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.writing-", dir=out_dir))
+    remove_stale(out_dir, f".{name}.writing-")
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.writing-{os.getpid()}-", dir=out_dir))
     try:
         manifest = _write_staged(samples, staging, name=name, role=role, image_size=image_size, mode=mode, class_names=class_names, group=group, description=description, encoding=encoding, maxcount=maxcount, maxsize=maxsize, total=total, resize=resize, progress=progress, upload=upload)
         _swap_in(staging, out_dir)
@@ -176,6 +177,24 @@ def write_shards(
     if upload is not None:
         upload.send(out_dir / "manifest.json")
     return manifest
+
+
+def remove_stale(folder: Path, prefix: str) -> None:
+    """Remove ``prefix<pid>-*`` staging folders whose process is gone (a killed earlier run)."""
+    for p in folder.glob(prefix + "*"):
+        pid = p.name[len(prefix) :].split("-", 1)[0]
+        if p.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _swap_in(staging: Path, out_dir: Path) -> None:
@@ -204,7 +223,11 @@ def _write_staged(samples, out_dir: Path, *, name, role, image_size, mode, class
     hashes: list[str] = []
     urls: list[str] = []
 
+    aborted = []  # set when writing fails: the shard closed on the way out is partial
+
     def shard_done(fname: str) -> None:  # called by ShardWriter as each shard closes
+        if aborted:  # never upload (and so overwrite a good remote copy with) a partial shard
+            return
         finished.append(fname)
         counts.append(sink.total - sum(counts))
         hashes.append(sha256_file(fname))
@@ -222,21 +245,25 @@ def _write_staged(samples, out_dir: Path, *, name, role, image_size, mode, class
         with wds.ShardWriter(
             pattern, maxcount=maxcount, maxsize=maxsize, post=shard_done, verbose=0, mtime=0, user="ood_ray", group="ood_ray"
         ) as sink:
-            for key, image, label in samples:
-                where = f"sample {key!r}"
-                if "." in key or "/" in key:
-                    raise DataError(f"{where}: keys may not contain '.' or '/'")
-                if key in seen:
-                    raise DataError(f"{where}: duplicate key")
-                seen.add(key)
-                label = int(label)
-                if is_ood and label != OOD_LABEL:
-                    raise DataError(f"{where}: label {label} for role {role!r}; outlier/OOD samples carry -1")
-                if not is_ood and not 0 <= label < len(class_names):
-                    raise DataError(f"{where}: label {label} outside [0, {len(class_names)}) for {name!r}")
-                img = to_pil(image, mode, size, where, resize=resize)
-                sink.write({"__key__": key, encoding: encode_image(img, encoding), "cls": str(label).encode()})
-                bar.update(1)
+            try:
+                for key, image, label in samples:
+                    where = f"sample {key!r}"
+                    if "." in key or "/" in key:
+                        raise DataError(f"{where}: keys may not contain '.' or '/'")
+                    if key in seen:
+                        raise DataError(f"{where}: duplicate key")
+                    seen.add(key)
+                    label = int(label)
+                    if is_ood and label != OOD_LABEL:
+                        raise DataError(f"{where}: label {label} for role {role!r}; outlier/OOD samples carry -1")
+                    if not is_ood and not 0 <= label < len(class_names):
+                        raise DataError(f"{where}: label {label} outside [0, {len(class_names)}) for {name!r}")
+                    img = to_pil(image, mode, size, where, resize=resize)
+                    sink.write({"__key__": key, encoding: encode_image(img, encoding), "cls": str(label).encode()})
+                    bar.update(1)
+            except BaseException:  # the shard closed on the way out is partial
+                aborted.append(True)
+                raise
     finally:
         bar.close()  # clears its line, so an error message starts on a clean one
     if not seen:
