@@ -137,3 +137,20 @@ def test_two_ray_train_workers_get_equal_disjoint_batches(ray_session, tmp_path)
         assert len(k0) == len(k1) == batches_per_epoch(m, 2, 8, epoch) * 8
         assert not set(k0) & set(k1)
         assert len(set(k0) | set(k1)) >= 97 - 2 * 8 - 10  # skipped: a partial batch per rank + imbalance
+
+
+def test_counted_shares_equal_the_plan():
+    """``samples_per_rank`` (O(shards), used for every epoch's batch count) equals what the plan
+    of each rank keeps, over random shard counts, world sizes and epochs."""
+    import numpy as np
+
+    from ood_ray.data.manifest import Manifest
+    from ood_ray.data.streams import plan_epoch, samples_per_rank
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, world = int(rng.integers(1, 12)), int(rng.integers(1, 6))
+        m = Manifest.from_dict({"name": "x", "role": "train", "image_size": [8, 8], "mode": "L", "class_names": ["a"], "shards": [{"url": f"/s{i}.tar", "count": int(rng.integers(0, 40))} for i in range(n)]})
+        for epoch in range(3):
+            planned = [sum(sum(1 for j in range(t.count) if t.keeps(j)) for t in plan_epoch(m, r, world, epoch, 5)) for r in range(world)]
+            assert samples_per_rank(m, world, epoch, 5) == planned

@@ -108,9 +108,7 @@ def plan_epoch(manifest: Manifest, rank: int, world: int, epoch: int = 0, seed: 
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside [0, {world})")
     urls = manifest.urls()
-    order = np.arange(len(urls))
-    if shuffle:
-        order = np.random.default_rng([seed, epoch, 7]).permutation(len(urls))
+    order = epoch_order(len(urls), epoch, seed, shuffle)
     n_full = (len(order) // world) * world
     tasks = [ShardTask(urls[i], manifest.shards[i].count) for i in order[rank:n_full:world]]
     offset = 0
@@ -121,8 +119,17 @@ def plan_epoch(manifest: Manifest, rank: int, world: int, epoch: int = 0, seed: 
     return tasks
 
 
+def epoch_order(n_shards: int, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
+    """The shard order of ``epoch`` (the same on every rank)."""
+    return np.random.default_rng([seed, epoch, 7]).permutation(n_shards) if shuffle else np.arange(n_shards)
+
+
 def samples_per_rank(manifest: Manifest, world: int, epoch: int = 0, seed: int = 0, shuffle: bool = True) -> list[int]:
-    return [sum(t.kept() for t in plan_epoch(manifest, r, world, epoch, seed, shuffle)) for r in range(world)]
+    """Samples each rank reads in ``epoch``: what ``plan_epoch`` gives, counted in O(shards)."""
+    counts = np.fromiter((s.count for s in manifest.shards), dtype=np.int64, count=len(manifest.shards))[epoch_order(len(manifest.shards), epoch, seed, shuffle)]
+    n_full = (len(counts) // world) * world
+    rest = int(counts[n_full:].sum())  # remainder shards: sample j goes to rank j % world
+    return [int(counts[r:n_full:world].sum()) + max((rest - r + world - 1) // world, 0) for r in range(world)]
 
 
 def batches_per_epoch(manifest: Manifest, world: int, batch_size: int, epoch: int = 0, seed: int = 0) -> int:
