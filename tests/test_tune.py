@@ -249,7 +249,9 @@ def test_resume_after_the_driver_is_killed(ray_session, digits_ood, tmp_path, ru
     assert main(["tune", *args, "--resume"]) == 0, (tmp_path / "first.log").read_text()[-3000:]
     study = optuna.load_study(study_name="rs", storage=study_db)
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 3
-    assert all(t.state.is_finished() for t in study.trials)
+    assert all(t.state.is_finished() for t in study.trials), [t.state for t in study.trials]
+    # the resumed sweep does not enqueue the untuned default point again (it ran once, as trial 0)
+    assert sum(t.params == {"lr": 0.05, "weight_decay": 0.0005} for t in study.trials) == 1, [t.params for t in study.trials]
     client = MlflowClient(uri)
     parents = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id], "tags.`ood_ray.kind` = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

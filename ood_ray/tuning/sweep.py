@@ -167,15 +167,17 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         metric = objective_metrics(base.objective)
         multi = len(metric) > 1
         points = ([default_point(sweep.method, base)] if sweep.include_default else []) + list(sweep.points_to_evaluate)
-        searcher = ray_compat.SweepSearch(
-            space=space,
-            metric=metric if multi else metric[0],
-            mode=["max"] * len(metric) if multi else "max",
-            points_to_evaluate=points or None,
-            seed=sweep.seed,
-            storage=optuna.storages.RDBStorage(sweep.optuna_url(name)),
-            study_name=name,
-        )
+
+        def new_searcher():  # only for a new sweep: creating one enqueues ``points`` in the study
+            return ray_compat.SweepSearch(
+                space=space,
+                metric=metric if multi else metric[0],
+                mode=["max"] * len(metric) if multi else "max",
+                points_to_evaluate=points or None,
+                seed=sweep.seed,
+                storage=optuna.storages.RDBStorage(sweep.optuna_url(name)),
+                study_name=name,
+            )
         scheduler = (
             ASHAScheduler(metric="objective", mode="max", time_attr="training_iteration", max_t=base.epochs, grace_period=sweep.grace, reduction_factor=sweep.reduction_factor)
             if sweep.asha
@@ -202,7 +204,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
                 trainable,
                 param_space={"base": base.to_dict(), "sweep_name": name, "gpus_per_worker": gpus, "runner": sweep.runner},
                 tune_config=tune.TuneConfig(
-                    num_samples=sweep.num_trials, search_alg=searcher, scheduler=scheduler, max_concurrent_trials=concurrency, trial_dirname_creator=trial_dirname,
+                    num_samples=sweep.num_trials, search_alg=new_searcher(), scheduler=scheduler, max_concurrent_trials=concurrency, trial_dirname_creator=trial_dirname,
                     # A finished trial's actor (its process, torch and ood_ray imported) runs the next
                     # trial: one process start and its imports less per trial. A "tune" trial that
                     # ASHA stops ends its loop at its next step (TuneWorker.stop_requested); a
