@@ -228,6 +228,10 @@ def test_a_manifest_cannot_run_shell_commands(tmp_path, capsys, monkeypatch):
         Manifest.load(tmp_path / "set")
     monkeypatch.setenv("OOD_RAY_ALLOW_PIPE", "cat {url}")
     assert Manifest.load(tmp_path / "set").commands() == [f"cat {real}"]
+    # a template that is not plain words is an error naming the variable, not silently ignored
+    monkeypatch.setenv("OOD_RAY_ALLOW_PIPE", "cat {url} | head")
+    with pytest.raises(DataError, match=r"OOD_RAY_ALLOW_PIPE: read command 'cat \{url\} \| head'"):
+        Manifest.load(tmp_path / "set")
 
 
 def test_shard_never_destroys_data(tmp_path, capsys):

@@ -53,18 +53,26 @@ def check_read_template(template: str) -> None:
 
 
 def allowed_read_templates() -> list[str] | None:
-    """The allowed ``pipe:`` command templates; None when any command is allowed (``*``)."""
+    """The allowed ``pipe:`` command templates; None when any command is allowed (``*``).
+
+    A template in ``$OOD_RAY_ALLOW_PIPE`` that is not plain words is an error naming it, not
+    silently ignored."""
     extra = [t.strip() for t in os.environ.get(ALLOW_PIPE_ENV, "").split(";") if t.strip()]
     if "*" in extra:
         return None
+    for template in extra:
+        try:
+            check_read_template(template)
+        except DataError as e:
+            raise DataError(f"{ALLOW_PIPE_ENV}: {e}") from None
     return [DEFAULT_READ_CMD, *extra]
 
 
-def pipe_allowed(command: str) -> bool:
-    """Whether ``command`` (a ``pipe:`` URL without the prefix) may run (see ``ALLOW_PIPE_ENV``)."""
+def pipe_allowed(command: str, templates: list[str] | None) -> bool:
+    """Whether ``command`` (a ``pipe:`` URL without the prefix) is an instance of one of the
+    (checked) ``templates``; any command when ``templates`` is None (see ``ALLOW_PIPE_ENV``)."""
     import shlex
 
-    templates = allowed_read_templates()
     if templates is None:
         return True
     try:
@@ -72,10 +80,6 @@ def pipe_allowed(command: str) -> bool:
     except ValueError:
         return False
     for template in templates:
-        try:
-            check_read_template(template)
-        except DataError:
-            continue
         parts = template.split()
         if len(parts) != len(words):
             continue
@@ -87,10 +91,12 @@ def pipe_allowed(command: str) -> bool:
 
 def check_pipes(manifest_shards, where: str) -> None:
     """Refuse a manifest whose ``pipe:`` URLs would run commands that are not allowed."""
-    for i, s in enumerate(manifest_shards):
-        if isinstance(s.url, str) and s.url.startswith("pipe:") and not pipe_allowed(s.url[len("pipe:") :]):
+    pipes = [(i, s.url[len("pipe:") :]) for i, s in enumerate(manifest_shards) if s.url.startswith("pipe:")]
+    templates = allowed_read_templates() if pipes else None
+    for i, command in pipes:
+        if not pipe_allowed(command, templates):
             raise DataError(
-                f"{where}: shards[{i}].url would run the shell command {s.url[len('pipe:'):]!r}; a manifest is data, "
+                f"{where}: shards[{i}].url would run the shell command {command!r}; a manifest is data, "
                 f"so its pipe: commands run only when they match an allowed template: set {ALLOW_PIPE_ENV} to the "
                 f"read command that wrote them (e.g. 'gsutil cat {{url}}'; several separated by ';'), or to '*' for "
                 "manifests you trust"

@@ -5,6 +5,7 @@ tolerant of MLflow outages. (One training run's epochs: ``epochs.EpochLogger``.)
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -26,11 +27,17 @@ METRIC_KEYS = ("objective", "epoch", "lr", "eval_time_s", "start_epoch", "postho
 METRIC_PREFIXES = ("val_", "train_", "state_", "chosen_", "skipped_")
 
 
-def is_metric(key: str) -> bool:
-    """Whether a report key is one of ours (Tune adds its own: timestamps, pid, ...)."""
+@functools.cache
+def calibration_keys() -> frozenset[str]:
+    """Every registered method's ``calibration_keys`` (read once)."""
     from ..methods import METHODS  # the sweep driver has them imported already
 
-    return key.startswith(METRIC_PREFIXES) or key in METRIC_KEYS or any(key in m.calibration_keys for m in METHODS.values())
+    return frozenset(k for m in METHODS.values() for k in m.calibration_keys)
+
+
+def is_metric(key: str) -> bool:
+    """Whether a report key is one of ours (Tune adds its own: timestamps, pid, ...)."""
+    return key.startswith(METRIC_PREFIXES) or key in METRIC_KEYS or key in calibration_keys()
 
 
 class SweepRecorder(tune.Callback):
