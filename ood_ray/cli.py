@@ -8,6 +8,7 @@ import sys
 import typing
 from pathlib import Path
 
+from . import metric_names
 from .config import ConfigError, TrackingError, TrainConfig, redact
 from .data.manifest import DEFAULT_READ_CMD, GROUPS, ROLES, DataError
 
@@ -68,6 +69,11 @@ def config_from_args(ns: argparse.Namespace, defaults: dict | None = None) -> Tr
 TUNE_DEFAULTS = {"epochs": 8, "num_workers": 1, "cpus_per_worker": 1.0, "delta_tpr": 0.95, "min_val_acc": 0.9}
 
 
+#: Defaults of ``ood-ray compare --tune-trials N``: the sweeps' trials and the seed runs train alike
+#: (one worker each, so that trials run side by side on a small machine; same guard as ``tune``).
+COMPARE_TUNED_DEFAULTS = {"num_workers": 1, "cpus_per_worker": 1.0, "delta_tpr": 0.95, "min_val_acc": 0.9}
+
+
 def cmd_tune(ns: argparse.Namespace) -> int:
     from .tuning.config import SweepConfig
     from .tuning.report import format_outcome
@@ -112,12 +118,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     print()
     print(f"Finished in {out.wall_time_s:.0f}s: {cfg.method} / {cfg.backbone}, {cfg.epochs} epochs on {cfg.num_workers} workers")
     print(f"  test accuracy {m.get('test_acc', float('nan')):.4f}   ECE {m.get('test_ece', float('nan')):.4f}")
-    print(f"  {'test OOD set':<14}{'AUROC':>8}{'FPR95':>8}{'FPR95_in':>10}{'AUPR_in':>9}{'AUPR_out':>10}")
-    sets = sorted({k.split("_")[2] for k in m if k.startswith("test_ood_") and k.endswith("_auroc") and k.count("_") == 3})
-    for name in [*sets, "near", "far", "all"]:
-        pre = "test_" if name == "all" else f"test_{name}_" if name in GROUPS else f"test_ood_{name}_"
-        if pre + "auroc" in m:
-            print(f"  {name:<14}{m[pre + 'auroc']:>8.4f}{m[pre + 'fpr95']:>8.4f}{m[pre + 'fpr95_in']:>10.4f}{m[pre + 'aupr_in']:>9.4f}{m[pre + 'aupr_out']:>10.4f}")
+    for line in metric_names.text_table(m, "test", out.ood_sets):
+        print("  " + line)
     print(f"  MLflow run {out.run_id} (experiment {out.experiment!r})")
     print(f"  checkpoint {redact(out.checkpoint_path)}")
     print(f"  browse: mlflow ui --backend-store-uri {redact(out.tracking_uri)}")
@@ -132,10 +134,15 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    table, path, outcomes = compare_methods(config_from_args(ns), methods, ns.out)
+    if ns.tune_trials < 0 or ns.seeds < 1:
+        raise ConfigError(f"--tune-trials must be >= 0 and --seeds >= 1 (got {ns.tune_trials} and {ns.seeds})")
+    base = config_from_args(ns, defaults=COMPARE_TUNED_DEFAULTS if ns.tune_trials else None)
+    options = {k: getattr(ns, k) for k in ("concurrency", "asha") if getattr(ns, k) is not None}
+    result = compare_methods(base, methods, ns.out, tune_trials=ns.tune_trials, seeds=ns.seeds, sweep_options=options)
     print()
-    print(table)
-    print(f"table written to {path}; MLflow runs: {', '.join(o.run_id for o in outcomes.values())}")
+    print(result.table)
+    print(f"table written to {result.path}; MLflow parent run {result.parent_run_id} ({result.wall_time_s / 60:.1f} min)")
+    print(f"browse: mlflow ui --backend-store-uri {redact(base.mlflow_uri)}")
     return 0
 
 
@@ -250,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(c)
     c.add_argument("--methods", nargs="+", help="methods to compare (default: all registered)")
     c.add_argument("--out", help="Markdown file for the table (default: <results>/compare-<time>.md)")
+    c.add_argument("--tune-trials", type=int, default=0, help="first tune every method with a sweep of N trials (same budget for each); 0 = untuned defaults")
+    c.add_argument("--seeds", type=int, default=1, help="train each method's configuration with this many seeds (from --seed on); >= 2 gives 95%% CIs and paired tests against softmax")
+    c.add_argument("--concurrency", type=int, help="sweep trials at once (default: as many as fit; 1 makes a sweep reproducible)")
+    c.add_argument("--asha", action=argparse.BooleanOptionalAction, default=None, help="ASHA early stopping in the sweeps (default: on)")
     c.set_defaults(fn=cmd_compare)
 
     tu = sub.add_parser("tune", help="search a method's hyperparameters with Ray Tune + Optuna, tracked in MLflow")

@@ -32,7 +32,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["roc_curves", "score_histograms", "reliability_diagram", "optuna_plots"]
+__all__ = ["roc_curves", "score_histograms", "reliability_diagram", "optuna_plots", "comparison_bars"]
 
 _DPI = 120
 _ROW_SUM_TOL = 1e-3
@@ -453,3 +453,33 @@ def optuna_plots(study, out_dir) -> dict[str, Path | str]:
                 ovm.plot_pareto_front, out / "pareto_front.png", study
             )
     return result
+
+
+def comparison_bars(values: Mapping[str, Mapping[str, list[float]]], path, title: str = "") -> Path:
+    """One panel per metric, one bar per method: the mean over seeds with its 95 % Student-t
+    interval as an error bar (none for a single seed). ``values[method][metric]`` are per-seed values."""
+    from scipy import stats
+
+    methods = list(values)
+    if not methods:
+        raise ValueError("values is empty: no method to draw")
+    metrics = list(values[methods[0]])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics) + 1, 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        means, errs = [], []
+        for m in methods:
+            v = _scores(values[m][metric], f"values[{m!r}][{metric!r}]")
+            means.append(v.mean())
+            errs.append(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0)
+        ax.bar(range(len(methods)), means, yerr=errs, capsize=4, color=[f"C{i}" for i in range(len(methods))])
+        ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize=8)
+        ax.set_title(metric, fontsize=9)
+        ax.set_ylim(0.0, 1.05)  # accuracy, AUROC and FPR95 are all fractions
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    try:
+        return _save(fig, _out_path(path))
+    finally:
+        plt.close(fig)

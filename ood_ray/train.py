@@ -36,13 +36,16 @@ class TrainOutcome:
     tracking_uri: str
     experiment: str
     wall_time_s: float
+    ood_sets: list[str]  # the test OOD sets, in benchmark order (their metric keys: ood_ray.metric_names)
 
 
-def run_training(cfg: TrainConfig) -> TrainOutcome:
-    """Train ``cfg`` on Ray Train and record it in MLflow; returns the run and final metrics."""
+def run_training(cfg: TrainConfig, tags: dict[str, str] | None = None) -> TrainOutcome:
+    """Train ``cfg`` on Ray Train and record it in MLflow (its run gets ``tags`` too, e.g. a parent
+    run); returns the run and final metrics."""
     from mlflow.tracking import MlflowClient  # driver only: Ray workers start faster without mlflow
 
     from . import tracking
+    from .tracking import provenance
     from .tracking.epochs import EpochLogger
 
     t0 = time.perf_counter()
@@ -51,10 +54,11 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     tracking.check_tracking(cfg.mlflow_uri)
     client = MlflowClient(cfg.mlflow_uri)
     exp_id = tracking.ensure_experiment(client, cfg.experiment)
-    run = client.create_run(exp_id, run_name=cfg.run_name, tags={"ood_ray.method": cfg.method, "ood_ray.backbone": cfg.backbone, "ood_ray.data": bench.path})
+    run = client.create_run(exp_id, run_name=cfg.run_name, tags={"ood_ray.method": cfg.method, "ood_ray.backbone": cfg.backbone, "ood_ray.data": bench.path, **(tags or {})})
     run_id = run.info.run_id
     say(f"MLflow run {run_id} in experiment {cfg.experiment!r} at {cfg.mlflow_uri}")
     client.log_batch(run_id, params=tracking.params_of(cfg.to_dict()))
+    provenance.record(client, run_id, bench)
     with tempfile.TemporaryDirectory() as tmp:
         client.log_artifact(run_id, cfg.save(Path(tmp) / "config.json"))
     try:
@@ -81,4 +85,4 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
         raise
     wall = time.perf_counter() - t0
     client.log_metric(run_id, "wall_time_s", wall)
-    return TrainOutcome(run_id, dict(result.metrics), result.checkpoint.path, cfg.mlflow_uri, cfg.experiment, wall)
+    return TrainOutcome(run_id, dict(result.metrics), result.checkpoint.path, cfg.mlflow_uri, cfg.experiment, wall, list(bench.ood_test))

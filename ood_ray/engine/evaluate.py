@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import metric_names as names
 from .. import metrics as M
 from ..checkpoint import unwrap
 from ..data.manifest import Benchmark, Manifest
@@ -69,23 +70,23 @@ def split_metrics(
 ) -> dict[str, float]:
     """Flat metrics for one split: ``{prefix}_acc``, per OOD set and score, and means.
 
-    Names: ``{prefix}_ood_{set}_{metric}`` for the method's default score,
-    ``{prefix}_ood_{set}_{score}_{metric}`` for the other scores, ``{prefix}_{metric}`` for the mean
-    over all OOD sets (default score) and ``{prefix}_{near|far}_{metric}`` for the group means.
+    Names are built by ``ood_ray.metric_names``: ``{prefix}_ood_{set}_{metric}`` for the method's
+    default score, ``{prefix}_ood_{set}_{score}_{metric}`` for the other scores, ``{prefix}_{metric}``
+    for the mean over all OOD sets and ``{prefix}_{near|far}_{metric}`` for the group means.
     """
-    res = {f"{prefix}_{k}": v for k, v in id_metrics(id_out).items()}
+    res = {names.id_key(prefix, k): v for k, v in id_metrics(id_out).items()}
     for score in score_names:
-        tag = "" if score == default_score else f"{score}_"
+        tag = None if score == default_score else score
         per_set = {name: M.ood_metrics(id_out[score], out[score]) for name, out in ood_outs.items()}
         for name, ms in per_set.items():
-            res.update({f"{prefix}_ood_{name}_{tag}{k}": v for k, v in ms.items()})
+            res.update({names.set_key(prefix, name, k, tag): v for k, v in ms.items()})
         if not per_set:
             continue
-        res.update({f"{prefix}_{tag}{k}": v for k, v in M.mean_over_sets(per_set).items()})
-        for group in ("near", "far"):
+        res.update({names.mean_key(prefix, k, names.ALL, tag): v for k, v in M.mean_over_sets(per_set).items()})
+        for group in names.GROUPS:
             members = {n: ms for n, ms in per_set.items() if groups.get(n) == group}
             if members:
-                res.update({f"{prefix}_{group}_{tag}{k}": v for k, v in M.mean_over_sets(members).items()})
+                res.update({names.mean_key(prefix, k, group, tag): v for k, v in M.mean_over_sets(members).items()})
     return res
 
 
@@ -129,9 +130,9 @@ def threshold_metrics(prefix: str, id_out, ood_outs, score: str, delta: float | 
     res, rejects = {}, []
     for name, out in ood_outs.items():
         r = M.threshold_report(id_out[score], out[score], float(delta), correct_in=correct)
-        res[f"{prefix}_ood_{name}_reject_rate"] = r["reject_rate_out"]
+        res[names.reject_key(prefix, name)] = r["reject_rate_out"]
         rejects.append(r["reject_rate_out"])
     res[f"{prefix}_abstain_rate"] = r["abstain_rate_in"]
     res[f"{prefix}_accuracy_accepted"] = r["accuracy_accepted_in"]
-    res[f"{prefix}_reject_rate"] = float(np.mean(rejects))
+    res[names.reject_key(prefix)] = float(np.mean(rejects))
     return res

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from ..progress import say
+from . import provenance
 from .store import log_metrics, params_of, set_tag
 
 TRIAL_TAG = "ood_ray.trial_id"
@@ -53,8 +54,9 @@ class SweepRecorder(tune.Callback):
 
     retry_after_s = 30.0
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep_name: str, epochs: int, num_trials: int, config_of: Callable):
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep_name: str, epochs: int, num_trials: int, config_of: Callable, bench=None):
         self.uri, self.experiment_id, self.parent = uri, experiment_id, parent_run_id
+        self.dataset = provenance.dataset_input(bench, "tuning") if bench is not None else None  # each trial run's input
         self.config_of = config_of  # a trial's Tune config -> its TrainConfig (module level: pickled)
         self.sweep_name, self.epochs, self.num_trials = sweep_name, epochs, num_trials
         self.runs: dict[str, str] = {}  # trial id -> MLflow run id
@@ -199,9 +201,11 @@ class SweepRecorder(tune.Callback):
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=f"{self.sweep_name}-{tid}",
-                tags={PARENT_TAG: self.parent, TRIAL_TAG: tid, SWEEP_TAG: self.sweep_name, "ood_ray.method": cfg.method},
+                tags={PARENT_TAG: self.parent, TRIAL_TAG: tid, SWEEP_TAG: self.sweep_name, "ood_ray.method": cfg.method, **provenance.tags()},
             )
             run_id = run.info.run_id
+            if self.dataset is not None:
+                self.client.log_inputs(run_id, datasets=[self.dataset])
             self.client.log_batch(run_id, params=params_of(cfg.to_dict()))
             self.logged[tid] = 0
         else:

@@ -14,6 +14,7 @@ import numpy as np
 import ray
 from mlflow.tracking import MlflowClient
 
+from .. import metric_names as names
 from .. import tracking
 from ..checkpoint import load_model_dir
 from ..config import redacted
@@ -177,18 +178,12 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def test_table(test: dict) -> str:
+def test_table(test: dict, sets: list[str]) -> str:
     """Markdown table of the best trial's test metrics per OOD set, near, far and all."""
-    sets = sorted({k[len("test_ood_") : -len("_auroc")] for k in test if k.startswith("test_ood_") and k.endswith("_auroc") and f"{k[: -len('_auroc')]}_fpr95" in test})
-    cols = ("auroc", "fpr95", "fpr95_in", "aupr_in", "aupr_out")
-    lines = ["| test OOD set | " + " | ".join(c.upper().replace("_", "-") for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    rows = [(s, f"test_ood_{s}_") for s in sets] + [(g, f"test_{g}_") for g in ("near", "far")] + [("all", "test_")]
-    for label, pre in rows:
-        if f"{pre}auroc" in test:
-            lines.append(f"| {label} | " + " | ".join(f"{test.get(pre + c, math.nan):.4f}" for c in cols) + " |")
-    lines.append("")
-    lines.append(f"test accuracy {test.get('test_acc', math.nan):.4f}, ECE {test.get('test_ece', math.nan):.4f}, NLL {test.get('test_nll', math.nan):.4f}")
-    return "\n".join(lines) + "\n"
+    return (
+        names.ood_table(test, "test", sets)
+        + f"\ntest accuracy {test.get('test_acc', math.nan):.4f}, ECE {test.get('test_ece', math.nan):.4f}, NLL {test.get('test_nll', math.nan):.4f}\n"
+    )
 
 
 def write_artifacts(sweep, client, parent_id, trials, best, default, evaluation) -> list[str]:
@@ -208,7 +203,7 @@ def write_artifacts(sweep, client, parent_id, trials, best, default, evaluation)
         if t is not None:
             curves = {"before calibration (T=1)": softmax(logits * t), f"after calibration (T={t:.4g})": softmax(logits)}
         plots.reliability_diagram(curves, labels, out / "reliability_val.png", title="validation ID reliability")
-        (out / "test_table.md").write_text(f"# Best trial {best['trial_id']} on the test split ({score})\n\n" + test_table(evaluation["test"]))
+        (out / "test_table.md").write_text(f"# Best trial {best['trial_id']} on the test split ({score})\n\n" + test_table(evaluation["test"], list(evaluation["test_ood_scores"])))
         (out / "best_trial.json").write_text(json.dumps(redacted({k: best[k] for k in ("trial_id", "objective", "val_acc", "val_auroc", "checkpoint", "config")}), indent=2, default=str) + "\n")
         (out / "trials.json").write_text(json.dumps(redacted([{k: t_[k] for k in ("trial_id", "status", "epochs", "objective", "val_acc", "val_auroc", "checkpoint", "error")} for t_ in trials]), indent=2, default=str) + "\n")
         try:

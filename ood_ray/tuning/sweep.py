@@ -22,6 +22,7 @@ from ..methods import METHODS
 from ..objective import objective_metrics
 from ..progress import say
 from ..ray_train import ensure_ray
+from ..tracking import provenance
 from ..tracking.recorder import PARENT_TAG, SWEEP_TAG, TRIAL_TAG, SweepRecorder, trial_id_of
 from .config import SweepConfig
 from .report import SweepOutcome, finish_sweep
@@ -135,6 +136,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         args["trial_runner"] = sweep.runner  # the path chosen, also when it was "auto"
         args["grace_period"] = sweep.grace  # the value used, also when it was derived
         client.log_batch(parent.info.run_id, params=tracking.params_of({**args, "base": base.to_dict()}))
+        provenance.record(client, parent.info.run_id, bench, "tuning")
         with tempfile.TemporaryDirectory() as tmp:
             Path(tmp, "search_space.json").write_text(json.dumps({"space": space.describe(), "posthoc_grid": METHODS[sweep.method].posthoc_grid()}, indent=2) + "\n")
             Path(tmp, "sweep.json").write_text(json.dumps(redacted(sweep.to_dict()), indent=2, default=str) + "\n")
@@ -187,7 +189,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         trainable = tune.with_resources(tune.with_parameters(run_trial, benchmark=bench.to_spec()), trial_resources(sweep, gpus))
         # A "tune" trial is its own worker, so the worker retries (max_failures) are Tune's to make.
         retries = max(sweep.max_trial_failures, base.max_failures) if sweep.runner == "tune" else sweep.max_trial_failures
-        recorder = SweepRecorder(base.mlflow_uri, exp_id, parent_id, name, base.epochs, sweep.num_trials, trial_config)
+        recorder = SweepRecorder(base.mlflow_uri, exp_id, parent_id, name, base.epochs, sweep.num_trials, trial_config, bench)
         if sweep.resume:
             say(f"resuming sweep {name!r} from {exp_path}")
             try:
@@ -229,7 +231,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
             f"--resume --name {name}: nothing is trained again, the missing records are logged and the best model is registered."
         )
         # catch up from what Tune stored: records missed during an MLflow outage, or before a resume
-        catch_up = SweepRecorder(base.mlflow_uri, exp_id, parent_id, name, base.epochs, sweep.num_trials, trial_config)
+        catch_up = SweepRecorder(base.mlflow_uri, exp_id, parent_id, name, base.epochs, sweep.num_trials, trial_config, bench)
         catch_up.backfill(grid)
         if not catch_up.sync(force=True):
             raise tracking.TrackingError(f"MLflow at {base.mlflow_uri} does not answer; {catch_up.unlogged} records are not logged. {relog_hint}")
