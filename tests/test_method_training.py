@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+
+from conftest import child_runs
 
 from ood_ray.checkpoint import load_model_dir as model_from_checkpoint
 from ood_ray.config import ConfigError, TrainConfig
@@ -104,20 +108,34 @@ def test_init_checkpoint_loads_backbone_and_matching_head(tmp_path):
         TrainConfig.from_dict({"init_checkpoint": str(tmp_path / "nope")})
 
 
-def test_compare_job_writes_table_and_mlflow(ray_session, digits_ood, tmp_path):
+def test_compare_tuned_over_seeds_is_reproducible_and_logged(ray_session, digits_ood, tmp_path):
+    """Tuned vs tuned over 2 seeds: the table, the MLflow tree, and bit-equal reruns of a seed."""
     from ood_ray.compare import compare_methods
 
-    base = TrainConfig.from_dict(dict(data=str(digits_ood), epochs=1, num_workers=2, cpus_per_worker=0.5, storage_path=str(tmp_path / "ray"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="cmp"))
-    table, path, outcomes = compare_methods(base, ["softmax", "dismax"], out=str(tmp_path / "t.md"))
-    rows = [line for line in table.splitlines() if line.startswith("| softmax") or line.startswith("| dismax")]
-    assert len(rows) == 2 and "letters AUROC / FPR95 / AUPR-In" in table
-    assert f"{outcomes['dismax'].metrics['test_acc']:.4f}" in rows[1]
-    assert path.read_text().endswith(table)
+    base = TrainConfig.from_dict(dict(data=str(digits_ood), epochs=1, num_workers=1, storage_path=str(tmp_path / "ray"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="cmp", delta_tpr=0.95))
+    result = compare_methods(base, ["softmax", "dismax"], out=str(tmp_path / "t.md"), tune_trials=1, seeds=2)
+    rows = {line.split("|")[1].strip(): line for line in result.table.splitlines() if line.startswith("| ")}
+    assert {"softmax", "dismax"} <= set(rows) and " ± " in rows["dismax"]
+    assert "letters" in result.table.split("Test AUROC per OOD set")[1]
+    dm = result.results["dismax"]
+    assert [o.metrics["seed"] for o in dm.runs] == [0, 1] and dm.runs[0].metrics["test_acc"] != dm.runs[1].metrics["test_acc"]
+    assert dm.runs[0].metrics["posthoc_candidates"] == 4  # seed runs repeat the sweep's post-hoc search
+    assert result.path.read_text() == result.table
+
     client = MlflowClient(base.mlflow_uri)
-    exp = client.get_experiment_by_name("cmp")
-    cmp_run = client.search_runs([exp.experiment_id], "tags.`ood_ray.kind` = 'comparison'")[0]
-    assert cmp_run.data.metrics["dismax.test_auroc"] == pytest.approx(outcomes["dismax"].metrics["test_auroc"])
-    assert [a.path for a in client.list_artifacts(cmp_run.info.run_id)] == ["comparison.md"]
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.params["seeds"] == "2" and parent.data.params["tune_trials"] == "1"
+    mean = parent.data.metrics["dismax.test_far_auroc.mean"]
+    assert mean == pytest.approx(sum(o.metrics["test_far_auroc"] for o in dm.runs) / 2)
+    assert {a.path for a in client.list_artifacts(result.parent_run_id)} == {"comparison.md", "comparison.json", "comparison.png"}
+    children = child_runs(base.mlflow_uri, result.parent_run_id)
+    kinds = sorted(r.data.tags.get("ood_ray.kind", "seed") for r in children)
+    assert kinds == ["seed"] * 4 + ["sweep"] * 2
+    assert all(r.inputs.dataset_inputs and "ood_ray.version.torch" in r.data.tags for r in children)
+
+    # the same config and seed again, outside compare: every metric equal to the last digit
+    again = run_training(dataclasses.replace(dm.config, seed=0, evaluate_test=True, run_name="again"))
+    assert {k: v for k, v in again.metrics.items() if k.startswith(("test_", "val_"))} == {k: v for k, v in dm.runs[0].metrics.items() if k.startswith(("test_", "val_"))}
 
 
 @pytest.mark.parametrize("name", list(METHODS))
