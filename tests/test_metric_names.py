@@ -117,3 +117,11 @@ def test_provenance_commit_versions_and_dataset_digest(digits_ood, tmp_path, mlf
     (ds,) = got.inputs.dataset_inputs
     assert ds.dataset.name == bench.name and ds.dataset.digest == provenance.benchmark_digest(bench)[:16]
     assert ds.tags[0].value == "training"
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--seeds", "0"], "--seeds >= 1"), (["--tune-trials", "-1"], "--tune-trials must be >= 0"), (["--methods", "nope"], "unknown method")])
+def test_cli_compare_rejects_bad_counts(args, message, capsys):
+    from ood_ray.cli import main
+
+    assert main(["compare", *args]) == 2
+    assert message in capsys.readouterr().err
