@@ -236,7 +236,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
             print(json.dumps(r))
             continue
         parts = [r["image"], f"class={r['class_name']}", f"{r['score_name']}={r['score']:.4f}"]
-        if r["threshold_score"] != r["score_name"]:  # e.g. DisMax: score mmles, δ applies to mps
+        if r["threshold_score"] != r["score_name"]:  # e.g. DisMax: score es, δ applies to mps
             parts.append(f"{r['threshold_score']}={r['threshold_value']:.4f}")
         parts.append("δ=off" if r["delta"] is None else f"δ={r['delta']:.4f}")
         parts.append("UNKNOWN" if r["unknown"] else "known")

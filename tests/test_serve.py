@@ -215,7 +215,7 @@ def test_log_register_load_and_predict(tmp_path, tracking):
     assert MlflowClient().get_model_version("ood-test", "1").run_id == run.info.run_id
     meta = info.metadata
     assert meta["method"] == "dismax" and meta["delta"] == 0.15
-    assert meta["default_score"] == "mmles" and meta["threshold_score"] == "mps"
+    assert meta["default_score"] == "es" and meta["threshold_score"] == "mps"
     assert meta["temperature"] == 0.7
     assert info.signature is None  # no input example: arrays and DataFrames both accepted
 
