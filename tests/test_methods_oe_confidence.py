@@ -409,3 +409,12 @@ def test_preprocess_errors():
         ValueError, match=r"confidence model must return \(logits, confidence_logit\)"
     ):
         preprocess_inputs(lambda t: (t, t, t), x, 0.01)
+
+
+def test_confidence_refuses_lam_zero():
+    """λ is adapted by multiplying (λ/1.01 or λ/0.99): from 0 it would stay 0 and ignore β."""
+    from ood_ray.methods import get_method
+
+    with pytest.raises(ValueError, match="lam"):
+        get_method("confidence", {"lam": 0.0})
+    assert get_method("confidence", {"lam": 1e-4}).initial_state() == {"lam": 1e-4}

@@ -12,7 +12,7 @@ half the batch by forcing ``c' = 1``. The loss is ``L_t + λ · L_c`` with ``L_t
 and ``L_c = mean(−log c)`` over all samples. After every step λ is adjusted towards the budget β:
 ``λ ← λ / 1.01`` if ``β > L_c`` else ``λ ← λ / 0.99``.
 
-At test time an input is flagged OOD when ``c ≤ δ``. Optional input preprocessing moves the input
+At test time an input is flagged OOD when ``c < δ`` (as for every method's threshold score). Optional input preprocessing moves the input
 one signed-gradient step that increases confidence: ``x̃ = x − ε · sign(∇_x(−log c))``.
 
 Plain torch only: no Ray, MLflow or I/O.
@@ -144,7 +144,7 @@ def preprocess_inputs(model: nn.Module, images: torch.Tensor, epsilon: float) ->
 
 
 def check_threshold(delta: float) -> None:
-    """Validate the OOD threshold δ on the confidence (OOD iff ``c ≤ δ``): ``0 ≤ δ ≤ 1``."""
+    """Validate the OOD threshold δ on the confidence (OOD iff ``c < δ``): ``0 ≤ δ ≤ 1``."""
     if not 0 <= delta <= 1:
         raise ValueError(f"confidence threshold δ must be in [0, 1], got {delta}")
 
@@ -200,8 +200,8 @@ class Confidence(Method):
         if self.eval_needs_grad:  # with input preprocessing, c of the preprocessed input decides
             self.default_score = self.threshold_score = "confidence_pre"
 
-    nonnegative = ("lam", "epsilon", "cutout")
-    positive = ("budget",)
+    nonnegative = ("epsilon", "cutout")
+    positive = ("lam", "budget")  # λ is adapted by multiplying: from 0 it would stay 0 and ignore β
     labels = {"budget": "budget (β)", "epsilon": "epsilon (ε)"}
 
     @classmethod
