@@ -220,9 +220,7 @@ def cmd_shard(ns: argparse.Namespace) -> int:
 
 def cmd_predict(ns: argparse.Namespace) -> int:
     import json
-    import os
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from .serving import ModelLoadError, load_predictor, predict
 
     try:
@@ -333,6 +331,9 @@ USER_ERRORS = (ConfigError, DataError, TrackingError, ValueError, TypeError, Key
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in logs
     ns = build_parser().parse_args(argv)
     try:
         return ns.fn(ns)

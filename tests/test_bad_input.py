@@ -112,15 +112,18 @@ def test_method_params_not_a_mapping_or_unknown(method):
 
 
 # --- score names --------------------------------------------------------------------------------
-# No config key or CLI flag lets a user pick a score today: each method reports all of its scores and
-# uses its own default_score / threshold_score. A score named as a method parameter is refused.
+# Each method reports all of its scores and uses its own default_score / threshold_score; only
+# DisMax lets its default score be chosen (its `score` parameter), and only among its own scores.
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("key", ["score", "default_score", "threshold_score"])
 def test_score_names_cannot_be_smuggled_in_as_params(method, key):
     msg = config_error({"method": method, "method_params": {key: "mahalanobis"}})
-    assert_names(msg, key, "unknown parameter")
+    if method == "dismax" and key == "score":
+        assert_names(msg, "score", "'mahalanobis'; choose one of: mps, es")
+    else:
+        assert_names(msg, key, "unknown parameter")
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

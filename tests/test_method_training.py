@@ -6,9 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
-
 from conftest import child_runs
+from mlflow.tracking import MlflowClient
 
 from ood_ray.checkpoint import load_model_dir as model_from_checkpoint
 from ood_ray.config import ConfigError, TrainConfig
