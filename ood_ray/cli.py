@@ -105,7 +105,9 @@ def cmd_tune(ns: argparse.Namespace) -> int:
     outcome = run_sweep(sweep)
     print()
     print(redact(format_outcome(outcome)))
-    print(f"browse: mlflow ui --backend-store-uri {redact(base.mlflow_uri)}")
+    from . import tracking
+
+    print(tracking.browse_hint(base.mlflow_uri, base.experiment))
     return 0
 
 
@@ -122,7 +124,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
         print("  " + line)
     print(f"  MLflow run {out.run_id} (experiment {out.experiment!r})")
     print(f"  checkpoint {redact(out.checkpoint_path)}")
-    print(f"  browse: mlflow ui --backend-store-uri {redact(out.tracking_uri)}")
+    from . import tracking
+
+    print("  " + tracking.browse_hint(out.tracking_uri, out.experiment))
     return 0
 
 
@@ -142,7 +146,49 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     print()
     print(result.table)
     print(f"table written to {result.path}; MLflow parent run {result.parent_run_id} ({result.wall_time_s / 60:.1f} min)")
-    print(f"browse: mlflow ui --backend-store-uri {redact(base.mlflow_uri)}")
+    from . import tracking
+
+    print(tracking.browse_hint(base.mlflow_uri, base.experiment))
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from .config import default_tracking_uri
+    from .serving import demo
+
+    if not 1 <= ns.port <= 65535:
+        raise ConfigError(f"--port {ns.port}: choose a port in [1, 65535]")
+    tracking = ns.tracking_uri or default_tracking_uri()
+    env = {**os.environ, demo.ENV["tracking_uri"]: tracking}
+    if ns.model:
+        local = Path(ns.model)
+        env[demo.ENV["model"]] = str(local.resolve()) if local.exists() else ns.model
+    if ns.mlflow_ui:
+        env[demo.ENV["ui"]] = ns.mlflow_ui
+    app = Path(demo.__file__).with_name("demo_app.py")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(ns.port), "--server.address", ns.address,
+           "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    which = ns.model or "the newest registered ood-ray-* model"
+    print(f"ood-ray demo at http://{ns.address}:{ns.port} (model: {which}; tracking {redact(tracking)}); Ctrl-C stops it", flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_toy(ns: argparse.Namespace) -> int:
+    from .config import default_tracking_uri, normalize_tracking_uri
+    from .toy import DEFAULT_TOY_METHODS, run_toy
+
+    uri = ns.mlflow_uri or (normalize_tracking_uri(default_tracking_uri()) if ns.mlflow else None)
+    res = run_toy(out=ns.out, seed=ns.seed, methods=ns.methods or list(DEFAULT_TOY_METHODS), mlflow_uri=uri, experiment=ns.experiment)
+    print(f"wrote {res['path']} in {res['seconds']:.1f}s")
+    for name, r in res["methods"].items():
+        print(f"  {name:17s} val_acc {r['val_acc']:.3f}  δ {r['delta']:.3f} on {r['threshold_score']}  AUROC vs the box {r['auroc_box']:.3f}")
+    if res["run_id"]:
+        from . import tracking
+
+        print(f"MLflow run {res['run_id']} (experiment {ns.experiment!r}); " + tracking.browse_hint(uri, ns.experiment))
     return 0
 
 
@@ -292,6 +338,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--delta", type=float, help="threshold δ in [0, 1] instead of the model's own")
     pr.add_argument("--json", action="store_true", help="one JSON object per line, with every prediction column")
     pr.set_defaults(fn=cmd_predict)
+
+    de = sub.add_parser("demo", help="the \"Don't know\" web page: upload images, see the class or \"Don't know\" (Streamlit)")
+    de.add_argument("--model", help="models:/<name>/<version>, runs:/<run_id>/model or a model / checkpoint folder (default: the newest version of any registered ood-ray-* model; the page can switch)")
+    de.add_argument("--tracking-uri", help="MLflow tracking (and registry) URI (default: $MLFLOW_TRACKING_URI or the project's sqlite store)")
+    de.add_argument("--port", type=int, default=8501, help="port of the page (default 8501)")
+    de.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 serves other machines)")
+    de.add_argument("--mlflow-ui", help="address of a running MLflow UI (e.g. http://127.0.0.1:5000), to link each model to its run")
+    de.set_defaults(fn=cmd_demo)
+
+    ty = sub.add_parser("toy", help="train the methods on 2-D toy data in-process and draw their OOD-score maps")
+    ty.add_argument("--out", default="toy.png", help="PNG file to write (default: toy.png)")
+    ty.add_argument("--seed", type=int, default=0, help="seed of the data and of every model (the same seed gives the same maps)")
+    ty.add_argument("--methods", nargs="+", help="any of softmax outlier_exposure confidence dismax logitnorm (default: all but logitnorm)")
+    ty.add_argument("--mlflow", action="store_true", help="log the figure and each method's parameters as one MLflow run ($MLFLOW_TRACKING_URI or the project's sqlite store)")
+    ty.add_argument("--mlflow-uri", help="log to this tracking URI (implies --mlflow)")
+    ty.add_argument("--experiment", default="ood-ray-toy", help="MLflow experiment (default: ood-ray-toy)")
+    ty.set_defaults(fn=cmd_toy)
 
     d = sub.add_parser("data", help="write and check WebDataset shards")
     dsub = d.add_subparsers(dest="data_command", required=True)

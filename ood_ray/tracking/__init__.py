@@ -8,6 +8,7 @@ Only driver-side processes write to MLflow. ``from ood_ray import tracking`` giv
 from ..config import TrackingError
 from .store import (
     artifact_root,
+    browse_hint,
     check_server,
     check_tracking,
     ensure_experiment,
@@ -17,11 +18,13 @@ from .store import (
     params_of,
     set_tag,
     sqlite_file,
+    ui_url,
 )
 
 __all__ = [
     "TrackingError",
     "artifact_root",
+    "browse_hint",
     "check_server",
     "check_tracking",
     "ensure_experiment",
@@ -31,4 +34,5 @@ __all__ = [
     "params_of",
     "set_tag",
     "sqlite_file",
+    "ui_url",
 ]

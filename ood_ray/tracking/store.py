@@ -82,12 +82,42 @@ def artifact_root(uri: str) -> str | None:
     return str(db.parent / "mlartifacts") if db is not None else None
 
 
+#: MLflow's UI opens an experiment by its kind; without this tag MLflow 3 shows its GenAI screen
+#: (traces, judges) instead of the runs table of model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+
+
+def ui_url(experiment_id: str, run_id: str | None = None, ui: str = DEFAULT_UI) -> str:
+    """The MLflow UI page of an experiment's runs table (or of one run) in its model-training view.
+
+    MLflow 3.17 opens a bare experiment address (``#/experiments/<id>``) on its GenAI overview in a
+    new browser, whatever the experiment's kind tag says, so links name the runs view and the
+    ``machine_learning`` workflow explicitly."""
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/{page}?workflowType=machine_learning"
+
+
+def browse_hint(uri: str, experiment: str) -> str:
+    """How to look at ``experiment`` of store ``uri``: the ``mlflow ui`` command and the page."""
+    exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    page = f"; then open {ui_url(exp.experiment_id)}" if exp is not None else ""
+    return f"browse: mlflow ui --backend-store-uri {redact(uri)}{page}"
+
+
 def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if missing; tagged as model training either way
+    (unless it already has a kind of its own)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in exp.tags:
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     root = artifact_root(client.tracking_uri)
-    return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None, tags=EXPERIMENT_KIND)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
