@@ -20,7 +20,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import PARAMS, free_port, make_checkpoint
 from PIL import Image
 
 from ood_ray.config import TrainConfig
@@ -128,6 +128,27 @@ def test_page_upload_of_a_wrong_image_is_a_message(trained, monkeypatch):
     at.file_uploader(key="uploads").upload("wide.png", png_bytes(np.zeros((1, 8, 16), np.uint8)), "image/png").run()
     assert not at.exception
     assert any("wide.png" in e.value and "expects 8x8" in e.value for e in at.error)
+
+
+@pytest.mark.parametrize("method", sorted(PARAMS))
+def test_page_answers_for_every_method(method, digits_ood, tmp_path, monkeypatch):
+    """Every method's model (confidence with input preprocessing among them) gets its answers."""
+    import json
+
+    from streamlit.testing.v1 import AppTest
+
+    directory, _, m = make_checkpoint(tmp_path / method, method)
+    cfg = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**cfg, "data": str(digits_ood)}))
+    monkeypatch.setenv(demo.ENV["model"], str(directory))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.multiselect(key="samples").set_value(["ID (test)", "OOD: letters"]).run()
+    assert not at.exception and not at.error
+    answers = [x.value for x in at.markdown if " → " in x.value]
+    assert len(answers) == 8
+    captions = " ".join(c.value for c in at.caption)
+    assert f"{m.default_score} = " in captions and f"{m.threshold_score} = " in captions
+    assert at.slider(key="delta").value == pytest.approx(m.params["delta"])
 
 
 @pytest.mark.parametrize(
