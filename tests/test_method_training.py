@@ -108,13 +108,14 @@ def test_init_checkpoint_loads_backbone_and_matching_head(tmp_path):
 
 
 def test_compare_tuned_over_seeds_is_reproducible_and_logged(ray_session, digits_ood, tmp_path):
-    """Tuned vs tuned over 2 seeds: the table, the MLflow tree, and bit-equal reruns of a seed."""
+    """Tuned over 2 seeds: the table, the MLflow tree, and a bit-equal rerun of a seed. One method
+    keeps it short; the marks against MSP are tested on their own (tests/test_metric_names.py)."""
     from ood_ray.compare import compare_methods
 
     base = TrainConfig.from_dict(dict(data=str(digits_ood), epochs=1, num_workers=1, storage_path=str(tmp_path / "ray"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="cmp", delta_tpr=0.95))
-    result = compare_methods(base, ["softmax", "dismax"], out=str(tmp_path / "t.md"), tune_trials=1, seeds=2)
+    result = compare_methods(base, ["dismax"], out=str(tmp_path / "t.md"), tune_trials=1, seeds=2)
     rows = {line.split("|")[1].strip(): line for line in result.table.splitlines() if line.startswith("| ")}
-    assert {"softmax", "dismax"} <= set(rows) and " ± " in rows["dismax"]
+    assert "dismax" in rows and " ± " in rows["dismax"] and "| dismax | es |" in result.table
     assert "letters" in result.table.split("Test AUROC per OOD set")[1]
     dm = result.results["dismax"]
     assert [o.metrics["seed"] for o in dm.runs] == [0, 1] and dm.runs[0].metrics["test_acc"] != dm.runs[1].metrics["test_acc"]
@@ -129,7 +130,7 @@ def test_compare_tuned_over_seeds_is_reproducible_and_logged(ray_session, digits
     assert {a.path for a in client.list_artifacts(result.parent_run_id)} == {"comparison.md", "comparison.json", "comparison.png"}
     children = child_runs(base.mlflow_uri, result.parent_run_id)
     kinds = sorted(r.data.tags.get("ood_ray.kind", "seed") for r in children)
-    assert kinds == ["seed"] * 4 + ["sweep"] * 2
+    assert kinds == ["seed"] * 2 + ["sweep"]
     assert all(r.inputs.dataset_inputs and "ood_ray.version.torch" in r.data.tags for r in children)
 
     # the same config and seed again, outside compare: every metric equal to the last digit

@@ -74,7 +74,8 @@ def show_answers(answers: list, delta: float) -> None:
                 continue
             st.image(a.image, caption=a.name, width=112, clamp=True)
             st.markdown(f"**{a.name}** → **{DONT_KNOW if a.unknown else a.class_name}**")
-            st.caption(f"{a.score_name} = {a.score:.4f} · {a.threshold_score} = {a.threshold_value:.4f} vs δ = {delta:.4f}")
+            score = f"{a.score_name} = {a.score:.4f} · " if a.score_name != a.threshold_score else ""
+            st.caption(f"{score}{a.threshold_score} = {a.threshold_value:.4f} vs δ = {delta:.4f}")
             st.bar_chart(pd.Series(a.probabilities, name="probability"), height=150)
 
 
