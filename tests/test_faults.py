@@ -102,8 +102,10 @@ def test_nan_trial_fails_with_its_reason_and_killed_worker_resumes(ray_session, 
     assert good.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(good.info.run_id, "epoch")] == [1, 2, 3, 4, 5]  # continuous
     assert max(m.value for m in client.get_metric_history(good.info.run_id, "start_epoch")) >= 1  # it did resume
-    kept = [c for c in Path(completed["checkpoint"]).parent.glob("checkpoint_*") if c.is_dir()]
-    assert len(kept) == 2 and Path(completed["checkpoint"]) in kept  # the last two of five epochs
+    kept = sorted(c for c in Path(completed["checkpoint"]).parent.glob("checkpoint_*") if c.is_dir())
+    # the last two of five epochs; a worker killed while its checkpoint is being persisted can leave
+    # that folder behind untracked by Ray Train (seen once in CI), never more than that one
+    assert Path(completed["checkpoint"]) == kept[-1] and 2 <= len(kept) <= 3, kept
     study = optuna.load_study(study_name=sweep.name, storage=sweep.optuna_url(sweep.name))
     states = sorted(t.state.name for t in study.trials)
     assert states == ["COMPLETE", "FAIL"]
