@@ -71,7 +71,7 @@ TUNE_DEFAULTS = {"epochs": 8, "num_workers": 1, "cpus_per_worker": 1.0, "delta_t
 
 #: Defaults of ``ood-ray compare --tune-trials N``: the sweeps' trials and the seed runs train alike
 #: (one worker each, so that trials run side by side on a small machine; same guard as ``tune``).
-COMPARE_TUNED_DEFAULTS = {"num_workers": 1, "cpus_per_worker": 1.0, "delta_tpr": 0.95, "min_val_acc": 0.9}
+COMPARE_TUNED_DEFAULTS = {k: v for k, v in TUNE_DEFAULTS.items() if k != "epochs"}  # epochs stay train's 15
 
 
 def cmd_tune(ns: argparse.Namespace) -> int:

@@ -99,8 +99,8 @@ def answer(predictor: OODPredictor, items: list[tuple[str, object]], delta: floa
         good.append((len(out) - 1, arr))
     if good:
         batch = np.stack([a for _, a in good])
-        raw = pred.outputs(batch)
-        rows = pred.predict(batch).to_dict("records")
+        raw = pred.outputs(batch)  # one pass of the model (two with input preprocessing)
+        rows = pred.frame(raw).to_dict("records")
         z = raw["logits"].astype(np.float64)
         probs = np.exp(z - z.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)

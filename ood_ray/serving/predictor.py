@@ -141,7 +141,10 @@ class OODPredictor(ImageInput):
 
     def predict(self, images) -> pd.DataFrame:
         """One row per image with the columns of ``COLUMNS`` (see the class docstring for inputs)."""
-        out = self.outputs(images)
+        return self.frame(self.outputs(images))
+
+    def frame(self, out: dict[str, np.ndarray]) -> pd.DataFrame:
+        """The rows of ``predict`` from outputs already computed by ``outputs`` (no second pass)."""
         pred = out["logits"].argmax(1) if len(out["logits"]) else np.zeros(0, np.int64)
         thr = out[self.threshold_score].astype(np.float64)
         unknown = thr < self.delta if self.delta is not None else np.zeros(len(thr), bool)
