@@ -16,6 +16,7 @@ Ray, no MLflow.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -41,10 +42,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def model_meta(cfg: TrainConfig, class_names: list[str], image_size, mode: str) -> dict:
-    """The ``model.json`` of a model trained with ``cfg`` on images of ``mode`` and ``image_size``."""
+def model_meta(cfg: TrainConfig, class_names: list[str], image_size, mode: str, scoring=None) -> dict:
+    """The ``model.json`` of a model trained with ``cfg`` on images of ``mode`` and ``image_size``.
+
+    ``scoring``: the ``WithDetector`` chosen after training, whose detector then gives the
+    default and threshold scores and δ (recorded under ``detector``: name, parameters, δ)."""
     m = get_method(cfg.method, cfg.method_params)
-    return {
+    meta = {
         "method": cfg.method,
         "method_params": m.params,
         "backbone": cfg.backbone,
@@ -57,19 +61,24 @@ def model_meta(cfg: TrainConfig, class_names: list[str], image_size, mode: str) 
         "exported_output": m.exported_output,
         "normalization": "x / 127.5 - 1 on uint8 pixels",
     }
+    if scoring is not None and hasattr(scoring, "detector"):
+        meta.update(default_score=scoring.default_score, threshold_score=scoring.threshold_score, delta=scoring.delta, detector=scoring.describe())
+    return meta
 
 
-def save_checkpoint(directory: str, model, opt, sched, epoch: int, method_state: dict, cfg: TrainConfig, meta: dict) -> None:
-    torch.save(
-        {
-            "model": unwrap(model).state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "epoch": epoch,
-            "method_state": method_state,
-        },
-        os.path.join(directory, STATE_FILE),
-    )
+def save_checkpoint(directory: str, model, opt, sched, epoch: int, method_state: dict, cfg: TrainConfig, meta: dict, detector=None) -> None:
+    """Write the checkpoint files; ``detector``: the fitted post-hoc detector, whose statistics
+    (``Detector.state()``, tensors) go into ``state.pt`` under ``"detector"``."""
+    state = {
+        "model": unwrap(model).state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "epoch": epoch,
+        "method_state": method_state,
+    }
+    if detector is not None:
+        state["detector"] = detector.state()
+    torch.save(state, os.path.join(directory, STATE_FILE))
     cfg.save(os.path.join(directory, CONFIG_FILE))
     Path(directory, META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -186,7 +195,26 @@ def load_model_dir(directory: str | os.PathLike) -> tuple[Classifier, dict, Trai
         raise ValueError(
             f"{state_path}: weights do not fit the model described in {meta_path.name} ({e})"
         ) from None
+    if meta.get("detector"):
+        model.detector = restore_detector(model, method, meta["detector"], state.get("detector"), meta_path, state_path)
     return model.eval(), meta, cfg
+
+
+def restore_detector(model: Classifier, method: Method, info, saved, meta_path: Path, state_path: Path):
+    """The fitted detector ``model.json`` names (``info``), from its statistics in ``state.pt``."""
+    from .detectors import make_detector
+
+    if not isinstance(info, dict) or not isinstance(info.get("name"), str) or not isinstance(info.get("params", {}), dict):
+        raise ValueError(f"{meta_path}: detector={info!r}; expected an object with a name and params")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{state_path}: {meta_path.name} names the detector {info['name']!r} but no fitted detector is saved")
+    try:
+        det = make_detector(info["name"], **info.get("params", {}))
+        logits_of = (lambda x: method.logits(model(x))) if det.needs_model else None
+        head = copy.deepcopy(method.class_head(model.head)).eval().requires_grad_(False)  # stays on the CPU with the statistics
+        return det.restore(saved, head, model=logits_of)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"{state_path}: cannot restore the detector {info['name']!r} ({e})") from None
 
 
 def model_temperature(model: torch.nn.Module, meta: dict) -> float | None:

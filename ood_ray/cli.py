@@ -200,6 +200,23 @@ def cmd_build_default(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_openood(ns: argparse.Namespace) -> int:
+    import functools
+
+    from .data.openood import build_openood
+
+    if ns.maxcount < 1:
+        raise DataError(f"--maxcount {ns.maxcount}: give at least 1 sample per shard")
+    log = functools.partial(print, file=sys.stderr, flush=True)  # which set is being written, and from what
+    built = build_openood(ns.id, ns.root, ns.out, image_size=ns.image_size, maxcount=ns.maxcount, outlier=ns.outlier, progress=True, log=log)
+    print(f"wrote OpenOOD v1.5 {ns.id} ({len(built.sets)} sets):")
+    for b in built.sets:
+        m = b.manifest
+        print(f"  {m.role:<9} {m.name:<24} {b.spec.group or '-':<5} {m.num_samples:>8}  {b.origin}")
+    print(f"benchmark: {built.path}")
+    return 0
+
+
 def cmd_verify(ns: argparse.Namespace) -> int:
     from .data.manifest import Benchmark, Manifest
 
@@ -261,6 +278,27 @@ def cmd_shard(ns: argparse.Namespace) -> int:
     print(f"wrote {len(m.shards)} shards, {m.num_samples} samples: {m.path}{where}")
     if ns.upload and kw["upload"].get != DEFAULT_READ_CMD:
         print(f"reading them runs {kw['upload'].get!r}: allow it where they are read with OOD_RAY_ALLOW_PIPE={kw['upload'].get!r}")
+    return 0
+
+
+def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from .detector_eval import evaluate_checkpoint
+
+    detectors = [d for item in ns.detectors for d in item.split(",") if d] if ns.detectors else None
+    table = evaluate_checkpoint(
+        ns.checkpoint, detectors, data=ns.data, tracking_uri=ns.tracking_uri, experiment=ns.experiment,
+        out=ns.out, fit_samples=ns.fit_samples, batch_size=ns.batch_size, log_mlflow=ns.mlflow,
+    )  # fmt: skip
+    print()
+    print(table.markdown())
+    print(f"best test AUROC (all sets): {table.best()}   lowest FPR95: {table.best('fpr95')}   ({table.wall_time_s:.0f}s)")
+    print(f"wrote {table.markdown_path}")
+    if table.run_id:
+        from . import tracking
+
+        from .config import default_tracking_uri
+
+        print(f"MLflow run {table.run_id}; " + tracking.browse_hint(ns.tracking_uri or default_tracking_uri(), ns.experiment))
     return 0
 
 
@@ -331,6 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--optuna-storage", help="Optuna RDB URL (default: sqlite under the storage path)")
     tu.set_defaults(fn=cmd_tune)
 
+    ev = sub.add_parser("evaluate", help="score a trained checkpoint with every post-hoc detector: one table of test AUROC / FPR95 / AUPR-In per OOD set")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint folder, MLflow model folder, or URI (models:/<name>/<version>, runs:/<run_id>/model)")
+    ev.add_argument("--detectors", nargs="+", help="detectors to score (names, or comma-separated; default: all that fit the model's head)")
+    ev.add_argument("--data", help="benchmark.json to evaluate on (default: the one the checkpoint was trained on)")
+    ev.add_argument("--out", help="Markdown file for the table (default: <results>/detectors-<time>.md)")
+    ev.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the results folder's sqlite store)")
+    ev.add_argument("--experiment", default="ood-ray", help="MLflow experiment of the evaluation run (default: ood-ray)")
+    ev.add_argument("--fit-samples", type=int, default=50_000, help="train samples the detectors are fitted on (the first ones in shard order)")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True, help="log the table to MLflow (default: on)")
+    ev.set_defaults(fn=cmd_evaluate)
+
     pr = sub.add_parser("predict", help="classify image files with a logged model; UNKNOWN when the OOD score is below δ")
     pr.add_argument("--model", required=True, help="models:/<name>/<version>, models:/<name>@<alias>, runs:/<run_id>/model, or a local model / checkpoint folder")
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG/JPEG/...), converted to the model's mode, never resized")
@@ -362,6 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output folder (benchmark.json and one sub-folder per set)")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(fn=cmd_build_default)
+    oo = dsub.add_parser("build-openood", help="build an OpenOOD v1.5 benchmark (cifar10, cifar100, imagenet200) from files already on disk; never downloads")
+    oo.add_argument("--id", required=True, choices=("cifar10", "cifar100", "imagenet200"), help="the ID dataset of the benchmark")
+    oo.add_argument("--root", required=True, help="folder holding the datasets as their publishers ship them and/or OpenOOD's benchmark_imglist/ + images_classic/ + images_largescale/ (docs/openood.md)")
+    oo.add_argument("--out", required=True, help="output folder (benchmark.json and one sub-folder per set)")
+    oo.add_argument("--image-size", type=int, help="images are fit to SIZE x SIZE RGB (default 32 for CIFAR, 64 for imagenet200)")
+    oo.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
+    oo.add_argument("--outlier", help="auxiliary outliers for Outlier Exposure: an image list (e.g. benchmark_imglist/cifar10/train_tin597.txt) or an image folder (default: none, as OpenOOD v1.5)")
+    oo.set_defaults(fn=cmd_build_openood)
     v = dsub.add_parser("verify", help="check a manifest or benchmark: files exist, sha256 matches")
     v.add_argument("path", help="manifest.json, benchmark.json, or a folder holding one")
     v.set_defaults(fn=cmd_verify)

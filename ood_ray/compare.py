@@ -104,7 +104,8 @@ def tables(results: dict[str, MethodResult], sets: list[str]) -> str:
     head = ["method", "score", *(c[0] for c in COLUMNS)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
-        cells = [name, get_method(name, r.config.method_params).default_score]
+        chosen = sorted({str(o.metrics["ood_ray.detector"]) for o in r.runs if o.metrics.get("ood_ray.detector")})  # --detectors: per seed
+        cells = [name, "/".join(chosen) or get_method(name, r.config.method_params).default_score]
         for _, key, higher in COLUMNS:
             cells.append(_cell(values_of(r, key), values_of(base, key) if base else None, higher, name == BASELINE))
         lines.append("| " + " | ".join(cells) + " |")

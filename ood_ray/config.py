@@ -111,6 +111,8 @@ class TrainConfig:
     evaluate_test: bool = True  # evaluate the test split after the last epoch (tuning trials: off)
     posthoc_search: bool = False  # try the method's post-hoc grid (ε, calibration) on val after training
     delta_tpr: float | None = None  # set δ on val so that this fraction of val ID is accepted (e.g. 0.95)
+    detectors: list[str] = field(default_factory=list)  # post-hoc detectors to choose from on val after training ("all" = every one that fits the head); [] = the method's own scores
+    detector_fit_samples: int = 50_000  # train samples the detectors are fitted on (the first ones in shard order)
     objective: str = "auroc"  # the validation objective reported as `objective` (see ood_ray.objective)
     min_val_acc: float = 0.0  # accuracy guard of the objective (0 = no guard)
     # Ray Train
@@ -231,6 +233,9 @@ class TrainConfig:
         if method.needs_outliers and method(self.method_params).outlier_batch(self.per_worker_batch) < 1:
             given = ", ".join(f"{k}={v!r}" for k, v in self.method_params.items()) or "the defaults"
             bad("method_params", f"{given} with a per-worker batch of {self.per_worker_batch} gives no outlier images per step")
+        self.detectors = check_detectors(self.method, self.method_params, self.detectors)
+        if self.detector_fit_samples < 1:
+            bad("detector_fit_samples", "must be an integer >= 1")
 
         def absolute(name):
             try:
@@ -297,6 +302,34 @@ class TrainConfig:
         path = Path(path)
         path.write_text(json.dumps(redacted(self.to_dict()), indent=2, sort_keys=True) + "\n")
         return path
+
+
+def check_detectors(method: str, params: dict, names: list[str]) -> list[str]:
+    """The detector names of a config, checked against the registry and the method's head.
+
+    ``["all"]`` expands to every detector the method's head supports (DisMax's prototype head
+    has no linear layer, so the detectors that need one are left out); a detector named
+    explicitly that needs a linear head the method lacks is an error naming both."""
+    from .detectors import DETECTORS
+    from .methods import METHODS
+
+    names = list(names)
+    if not names:
+        return []
+    unknown = [n for n in names if n not in DETECTORS and n != "all"]
+    if unknown:
+        raise ConfigError(f"detectors={names!r}: unknown detector(s) {', '.join(map(repr, unknown))}; choose from: all, {', '.join(DETECTORS)}")
+    from torch import nn
+
+    m = METHODS[method](params)
+    linear = isinstance(m.class_head(m.make_head(2, 2)), nn.Linear)
+    if "all" in names:
+        return [n for n, cls in DETECTORS.items() if linear or not cls.needs_linear_head]
+    refused = [n for n in names if DETECTORS[n].needs_linear_head and not linear]
+    if refused:
+        usable = ", ".join(n for n, cls in DETECTORS.items() if not cls.needs_linear_head)
+        raise ConfigError(f"detectors={names!r}: {', '.join(refused)} need(s) a linear classification head and method {method!r} has none; usable: {usable}")
+    return list(dict.fromkeys(names))
 
 
 def normalize_tracking_uri(uri: str) -> str:

@@ -99,7 +99,8 @@ def test_cli_tune_rejects_bad_input(tmp_path, capsys):
 def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method, runner):
     register = f"t-{method}-{runner}" if method in ("dismax", "logitnorm") else ""
     objective = "acc+auroc" if method == "confidence" else "auroc"  # multi-objective: a Pareto front
-    sweep = make_sweep(tmp_path, digits_ood, method, register_name=register, base={"objective": objective}, trial_runner="auto" if runner == "tune" else runner)
+    detectors = ["energy", "knn"] if method == "logitnorm" else []  # post-hoc detectors chosen in each trial
+    sweep = make_sweep(tmp_path, digits_ood, method, register_name=register, base={"objective": objective, "detectors": detectors}, trial_runner="auto" if runner == "tune" else runner)
     out = run_sweep(sweep)
     uri = sweep.base.mlflow_uri
     client = MlflowClient(uri)
@@ -150,7 +151,8 @@ def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method, runne
 
     # post-hoc choices are part of the result and of the checkpoint
     chosen = json.loads(Path(out.best["checkpoint"], "model.json").read_text())
-    assert chosen["delta"] == pytest.approx(out.best["metrics"]["chosen_delta"])
+    if not detectors:  # with a detector, δ is on the detector's score (below)
+        assert chosen["delta"] == pytest.approx(out.best["metrics"]["chosen_delta"])
     # where the checkpoint lives tells the path: a Train run's folder, or the Tune trial's own
     assert (Path(out.best["checkpoint"]).parent.name == f"trial_{out.best['trial_id']}") == (runner == "tune")
     if method == "confidence":
@@ -159,6 +161,15 @@ def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method, runne
     if method == "logitnorm":  # τ is searched, and the trial's τ is the registered model's
         assert chosen["method_params"]["tau"] == pytest.approx(out.best["config"]["method_params"]["tau"])
         assert {t["config"]["method_params"]["tau"] for t in out.trials} > {0.04} and out.model_uri == f"models:/{register}/1"
+        # the detector chosen on val is the checkpoint's and the registered model's scoring, and tagged
+        det = chosen["detector"]["name"]
+        assert det in detectors and chosen["threshold_score"] == det and chosen["delta"] == chosen["detector"]["delta"]
+        assert out.best["metrics"][f"detector_{det}_val_auroc"] == pytest.approx(out.best["metrics"]["val_auroc"])
+        best_run = next(r for r in children if r.data.tags["ood_ray.trial_id"] == out.best["trial_id"])
+        assert best_run.data.tags["ood_ray.detector"] == det and f"detector_{det}_val_auroc" in best_run.data.metrics
+        mlflow.set_tracking_uri(uri)
+        pred = mlflow.pyfunc.load_model(out.model_uri).predict(np.zeros((2, 8, 8), dtype=np.uint8))
+        assert (pred["threshold_score"] == det).all() and pred["delta"].iloc[0] == pytest.approx(chosen["delta"])
     if method == "dismax":
         assert out.best["metrics"]["posthoc_candidates"] == 4 and out.best["metrics"]["temperature"] > 0
         assert out.model_uri == f"models:/{register}/1"

@@ -109,7 +109,7 @@ def metrics_of(split: str, method: Method, bench: Benchmark, id_out, ood_outs) -
     """The metrics of outputs from ``score_split``."""
     ood = bench.ood_val if split == "val" else bench.ood_test
     res = split_metrics(split, id_out, ood_outs, {n: m.group for n, m in ood.items()}, method.score_names(), method.default_score)
-    res.update(threshold_metrics(split, id_out, ood_outs, method.threshold_score, method.params.get("delta")))
+    res.update(threshold_metrics(split, id_out, ood_outs, method.threshold_score, method.delta))
     return res
 
 

@@ -34,6 +34,7 @@ from ..progress import say
 from .build import build_model, load_benchmark, make_optimizer, make_scheduler
 from .distributed import all_reduce_mean, batches_in_step, sync_buffers
 from .evaluate import evaluate_split, normalize
+from .detect import choose_detector
 from .posthoc import finish_method
 
 
@@ -187,11 +188,15 @@ def train_loop(cfg: TrainConfig, worker: Worker, bench: Benchmark | None = None)
         t1 = time.perf_counter()
         sync_buffers(model, world)
         last = epoch + 1 == cfg.epochs
-        if last:  # post-hoc step (DisMax temperature, chosen ε / δ) on the val split only
+        if last:  # post-hoc step (DisMax temperature, chosen ε / δ, detector) on the val split only
             method, posthoc = finish_method(model, method, cfg, bench, rank, world, device)
             metrics.update(posthoc)
             cfg.method_params = dict(method.params)  # the checkpoint records the values chosen
-            meta = model_meta(cfg, bench.class_names, bench.train.image_size, bench.train.mode)
+            if cfg.detectors:
+                method, logs = choose_detector(model, method, cfg, bench, rank, world, device)
+                metrics.update(logs, **{"ood_ray.detector": method.detector.name})
+                cfg.detectors = [method.detector.name]
+            meta = model_meta(cfg, bench.class_names, bench.train.image_size, bench.train.mode, scoring=method)
         metrics.update(evaluate_split(model, method, bench, "val", rank, world, device, cfg.eval_batch_size))
         metrics["objective"] = objective_value(metrics, cfg.objective, cfg.min_val_acc)
         if last and cfg.evaluate_test:
@@ -210,6 +215,6 @@ def train_loop(cfg: TrainConfig, worker: Worker, bench: Benchmark | None = None)
             )
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                save_checkpoint(tmp, model, opt, sched, epoch, state, cfg, meta)
+                save_checkpoint(tmp, model, opt, sched, epoch, state, cfg, meta, detector=getattr(method, "detector", None))
                 Path(tmp, METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=float) + "\n")
             worker.report(metrics, tmp if rank == 0 else None)

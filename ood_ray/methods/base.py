@@ -51,7 +51,7 @@ class Method:
     Hooks: ``make_head`` (required), ``training_step`` (required), ``logits``, ``scores``,
     ``eval_batch``, ``score_names``, ``flat_output``, ``initial_state``, ``update_state``,
     ``outlier_batch``, ``calibrate``, ``temperature``, ``search_space``, ``posthoc_grid``,
-    ``validate``; each documents its rule below.
+    ``validate``, ``class_head``; each documents its rule below.
 
     Registering: one new module in ``ood_ray/methods/`` and one ``"module:Class"`` line in
     ``REGISTRY`` of ``ood_ray/methods/__init__.py``; every command, the tuner and the serving code
@@ -75,6 +75,11 @@ class Method:
     def __init__(self, params: dict | None = None):
         self.params = {**self.defaults, **(params or {})}
         self.check_params(self.params)
+
+    @property
+    def delta(self) -> float | None:
+        """The "don't know" threshold on ``threshold_score`` (None = off)."""
+        return self.params.get("delta")
 
     @classmethod
     def check_params(cls, params: dict) -> None:
@@ -167,6 +172,11 @@ class Method:
     def logits(self, output) -> torch.Tensor:
         """Class logits from the model's output (which may carry extra heads)."""
         return output
+
+    def class_head(self, head: nn.Module) -> nn.Module:
+        """The part of the model's head that maps features to class logits (post-hoc detectors fit
+        on it): the head itself unless it also returns other outputs (the confidence branch)."""
+        return head
 
     def training_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_out: torch.Tensor | None, state: dict) -> StepResult:
         raise NotImplementedError

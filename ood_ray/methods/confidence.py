@@ -226,6 +226,9 @@ class Confidence(Method):
     def make_head(self, num_features: int, num_classes: int) -> nn.Module:
         return ConfidenceHead(num_features, num_classes)
 
+    def class_head(self, head: nn.Module) -> nn.Module:
+        return head.classifier
+
     def logits(self, output) -> torch.Tensor:
         if not isinstance(output, tuple | list) or len(output) != 2:
             raise ValueError("confidence model must return (logits, confidence_logit)")

@@ -101,7 +101,13 @@ def build_backbone(
 
 
 class Classifier(nn.Module):
-    """``head(backbone(x))``; the head's output (tensor or tuple) is returned as is."""
+    """``head(backbone(x))``; the head's output (tensor or tuple) is returned as is.
+
+    ``detector``: the fitted post-hoc detector (``ood_ray.detectors``) a checkpoint carries, set
+    when it is loaded (None when it has none); it is not a module and not in the state_dict.
+    """
+
+    detector = None
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()

@@ -140,6 +140,7 @@ def provenance(predictor: OODPredictor, uri: str, tracking_uri: str, ui: str | N
         "backbone": cfg.backbone if cfg else "?",
         "score": predictor.default_score,
         "threshold score": predictor.threshold_score,
+        **({"detector": predictor.meta["detector"]} if predictor.meta.get("detector") else {}),
         "δ of the model": predictor.meta.get("delta"),
         "metrics": {},
     }

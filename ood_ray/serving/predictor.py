@@ -2,7 +2,8 @@
 
 An image is "unknown" when the method's threshold score (``msp`` for softmax / OE / LogitNorm,
 ``confidence`` for the confidence branch, ``confidence_pre`` when it preprocesses inputs, ``mps``
-for DisMax; as recorded in ``model.json``) is below δ, the rule of
+for DisMax, or the post-hoc detector's score when the checkpoint carries one; as recorded in
+``model.json``) is below δ, the rule of
 ``ood_ray.engine.evaluate.threshold_metrics``; with δ = None no image is unknown.
 """
 
@@ -19,6 +20,7 @@ import torch
 
 from ..checkpoint import META_FILE, check_meta, load_model_dir, method_of
 from ..config import TrainConfig
+from ..methods.with_detector import scoring_method
 from .images import ImageInput
 
 UNKNOWN_LABEL = "unknown"
@@ -72,7 +74,7 @@ class OODPredictor(ImageInput):
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.meta = meta
         self.config = config
-        self.method = method_of(meta)
+        self.method = scoring_method(method_of(meta), model, meta)  # with the checkpoint's detector, if any
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.batch_size = int(batch_size)

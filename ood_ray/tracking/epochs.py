@@ -6,7 +6,7 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
-from .store import log_metrics
+from .store import log_metrics, set_tag
 
 
 class EpochLogger(UserCallback):
@@ -20,4 +20,7 @@ class EpochLogger(UserCallback):
         if not metrics:
             return
         m = metrics[0]
-        log_metrics(MlflowClient(self.tracking_uri), self.run_id, m, step=int(m.get("epoch", 0)))
+        client = MlflowClient(self.tracking_uri)
+        log_metrics(client, self.run_id, m, step=int(m.get("epoch", 0)))
+        if isinstance(m.get("ood_ray.detector"), str):  # the post-hoc detector chosen after the last epoch
+            set_tag(client, self.run_id, "ood_ray.detector", m["ood_ray.detector"])

@@ -25,7 +25,9 @@ PARENT_TAG = "mlflow.parentRunId"
 #: Report keys recorded besides the val_/train_/state_/chosen_/skipped_ ones; every registered
 #: method's ``calibration_keys`` are added (a method declares what its calibration returns).
 METRIC_KEYS = ("objective", "epoch", "lr", "eval_time_s", "start_epoch", "posthoc_candidates", "worker_rss_mb")
-METRIC_PREFIXES = ("val_", "train_", "state_", "chosen_", "skipped_")
+METRIC_PREFIXES = ("val_", "train_", "state_", "chosen_", "skipped_", "detector_")
+#: Report keys with a string value recorded as tags of the run (the post-hoc detector chosen).
+TAG_KEYS = ("ood_ray.detector",)
 
 
 @functools.cache
@@ -88,7 +90,7 @@ class SweepRecorder(tune.Callback):
         tid, epoch = trial.trial_id, int(result.get("epoch", 0))
         self.configs[tid] = trial.config
         if epoch > self.logged.get(tid, 0):
-            metrics = {k: v for k, v in result.items() if is_metric(k)}
+            metrics = {k: v for k, v in result.items() if is_metric(k) or (k in TAG_KEYS and isinstance(v, str))}
             ckpt = checkpoint_of(result, trial.path)
             if ckpt:
                 metrics["ood_ray.checkpoint"] = ckpt
@@ -126,6 +128,7 @@ class SweepRecorder(tune.Callback):
                 if epoch <= 0:
                     continue
                 metrics = {k: v for k, v in row.items() if is_metric(k) and isinstance(v, int | float) and math.isfinite(v)}
+                metrics.update({k: row[k] for k in TAG_KEYS if isinstance(row.get(k), str)})
                 ckpt = checkpoint_of(row, result.path)
                 if ckpt:
                     metrics["ood_ray.checkpoint"] = ckpt
@@ -172,8 +175,9 @@ class SweepRecorder(tune.Callback):
             metrics = self.pending[tid][epoch]
             if epoch > self.logged.get(tid, 0):
                 log_metrics(self.client, run_id, metrics, epoch)
-                if "ood_ray.checkpoint" in metrics:
-                    set_tag(self.client, run_id, "ood_ray.checkpoint", metrics["ood_ray.checkpoint"])
+                for key in ("ood_ray.checkpoint", *TAG_KEYS):
+                    if key in metrics:
+                        set_tag(self.client, run_id, key, metrics[key])
                 self.logged[tid] = epoch
             del self.pending[tid][epoch]
         self.pending.pop(tid, None)

@@ -19,6 +19,7 @@ from .. import tracking
 from ..checkpoint import load_model_dir
 from ..config import redacted
 from ..methods import METHODS, get_method
+from ..methods.with_detector import scoring_method
 from ..progress import say
 from ..tracking.recorder import checkpoint_of, find_trial_run, trial_id_of
 from .config import SweepConfig
@@ -153,7 +154,7 @@ def evaluate_checkpoint(checkpoint_path: str, batch_size: int) -> dict:
     with ray.train.Checkpoint(checkpoint_path).as_directory() as d:
         model, meta, cfg = load_model_dir(d)
     model = model.to(device)
-    method = get_method(cfg.method, cfg.method_params)
+    method = scoring_method(get_method(cfg.method, cfg.method_params), model, meta)  # with its detector, if any
     bench = load_benchmark(cfg)
     test_id, test_ood = score_split(model, method, bench, "test", 0, 1, device, batch_size)  # scored once
     test = metrics_of("test", method, bench, test_id, test_ood)
