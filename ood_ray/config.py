@@ -233,7 +233,8 @@ class TrainConfig:
         if method.needs_outliers and method(self.method_params).outlier_batch(self.per_worker_batch) < 1:
             given = ", ".join(f"{k}={v!r}" for k, v in self.method_params.items()) or "the defaults"
             bad("method_params", f"{given} with a per-worker batch of {self.per_worker_batch} gives no outlier images per step")
-        self.detectors = check_detectors(self.method, self.method_params, self.detectors)
+        check_detectors(self.method, self.method_params, self.detectors)  # "all" stays: expanded per method when used
+        self.detectors = list(dict.fromkeys(self.detectors))
         if self.detector_fit_samples < 1:
             bad("detector_fit_samples", "must be an integer >= 1")
 

@@ -3,6 +3,7 @@ into the predictor, and ``ood-ray evaluate``'s table logged to MLflow. In-proces
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -113,6 +114,10 @@ def test_detectors_that_need_a_linear_head_are_refused_for_dismax():
     assert check_detectors("confidence", {}, ["all"]) == list(DETECTORS)  # its class head is linear
     with pytest.raises(ConfigError, match="detectors"):
         TrainConfig(method="dismax", detectors=["ash"]).validate()
+    # "all" is kept as given and expanded per method where it is used (compare shares one base)
+    cfg = TrainConfig(method="softmax", detectors=["all", "all"]).validate()
+    assert cfg.detectors == ["all"]
+    assert dataclasses.replace(cfg, method="dismax").validate().detectors == ["all"]
 
 
 def test_a_dismax_checkpoint_carries_a_feature_detector(digits_ood, tmp_path):

@@ -18,6 +18,7 @@ import torch
 
 from .. import metrics as M
 from ..checkpoint import unwrap
+from ..config import check_detectors
 from ..data.manifest import Benchmark, Manifest
 from ..data.streams import eval_batches
 from ..detectors import DETECTORS, make_detector
@@ -135,7 +136,7 @@ def choose_detector(model, method: Method, cfg, bench: Benchmark, rank: int, wor
     bs = cfg.eval_batch_size
     train = collect_features(model, method, bench.train, rank, world, device, bs, limit=cfg.detector_fit_samples)
     val = Scorer(model, method, bench, "val", rank, world, device, bs)
-    results = search(cfg.detectors, train, val, model, method)
+    results = search(check_detectors(cfg.method, method.params, cfg.detectors), train, val, model, method)
     best = max(results, key=lambda r: (r["val_auroc"], -results.index(r)))
     det = best["detector"]
     delta = None
