@@ -295,7 +295,6 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     print(f"wrote {table.markdown_path}")
     if table.run_id:
         from . import tracking
-
         from .config import default_tracking_uri
 
         print(f"MLflow run {table.run_id}; " + tracking.browse_hint(ns.tracking_uri or default_tracking_uri(), ns.experiment))

@@ -21,7 +21,14 @@ import numpy as np
 
 from . import metric_names as names
 from .checkpoint import method_of
-from .config import ConfigError, TrainConfig, check_detectors, default_tracking_uri, redact, results_dir
+from .config import (
+    ConfigError,
+    TrainConfig,
+    check_detectors,
+    default_tracking_uri,
+    redact,
+    results_dir,
+)
 from .data.default import ensure_default
 from .data.manifest import Benchmark
 from .engine.detect import Scorer, collect_features, search

@@ -32,9 +32,9 @@ from ..methods import Method, StepResult, get_method
 from ..objective import objective_metrics, objective_value
 from ..progress import say
 from .build import build_model, load_benchmark, make_optimizer, make_scheduler
+from .detect import choose_detector
 from .distributed import all_reduce_mean, batches_in_step, sync_buffers
 from .evaluate import evaluate_split, normalize
-from .detect import choose_detector
 from .posthoc import finish_method
 
 
