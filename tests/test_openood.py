@@ -421,3 +421,10 @@ def test_bad_arguments(native_root, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError, match="is a file"):
         O.build_openood("cifar10", root, tmp_path / "file")
+
+
+def test_a_test_batch_too_small_for_the_val_rule_is_named(tmp_path):
+    root = tmp_path / "root"
+    write_native_root(root)  # 100 per class go to val, and the tiny test batch has fewer
+    with pytest.raises(DataError, match=r"test_batch: \d+ images leave none for the test set"):
+        O.build_openood("cifar10", root, tmp_path / "out")

@@ -157,6 +157,8 @@ def _cifar_source(root: Path, which: str, part: str, cache: dict) -> Source:
             for y in range(c["classes"]):
                 is_val[np.flatnonzero(labels == y)[:k]] = True
             keep = np.flatnonzero(is_val if part == "val" else ~is_val)
+            if part != "train" and not len(keep):
+                raise DataError(f"{p}: {len(labels)} images leave none for the {part} set once the first {k} per class go to val; is it the full test batch?")
             yield from ((images[i], int(labels[i]), f"{p}[{i}]") for i in keep)
 
     what = {"train": "all images", "val": f"first {k} per class", "test": f"all but the first {k} per class"}[part]
