@@ -146,3 +146,26 @@ def test_mlflow_records_the_chosen_detector_of_a_model(trained, tmp_path):
     assert info.metadata["threshold_score"] == json.loads((Path(checkpoint) / "model.json").read_text())["detector"]["name"]
     loaded = load_predictor(info.model_uri, uri)
     assert loaded.model.detector is not None and loaded.threshold_score == loaded.model.detector.name
+
+
+def test_demo_page_answers_with_the_detector_and_its_delta(trained, monkeypatch):
+    """The "Don't know" page scores with the checkpoint's detector; δ (on an unbounded score) is a
+    number field starting at the checkpoint's δ, and δ above every score rejects every image."""
+    from streamlit.testing.v1 import AppTest
+
+    from ood_ray.serving import demo
+
+    checkpoint, _, _ = trained
+    meta = json.loads((Path(checkpoint) / "model.json").read_text())
+    monkeypatch.setenv(demo.ENV["model"], checkpoint)
+    app = Path(demo.__file__).with_name("demo_app.py")
+    at = AppTest.from_file(str(app), default_timeout=120).run()
+    at.multiselect(key="samples").set_value(["ID (test)", "OOD: letters"]).run()
+    assert not at.exception and not at.error
+    assert at.number_input(key="delta").value == pytest.approx(meta["delta"], rel=1e-4)
+    captions = " ".join(c.value for c in at.caption)
+    assert f"{meta['detector']['name']} = " in captions
+    at.number_input(key="delta").set_value(1e9).run()
+    assert at.subheader[0].value.startswith("8 of 8 images rejected")
+    at.number_input(key="delta").set_value(-1e9).run()
+    assert at.subheader[0].value.startswith("0 of 8 images rejected")

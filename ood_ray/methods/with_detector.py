@@ -36,7 +36,9 @@ class WithDetector:
         self.eval_needs_grad = bool(method.eval_needs_grad or detector.needs_model)
 
     def __getattr__(self, name: str):  # everything else is the method's
-        return getattr(self.__dict__["method"], name)
+        if name == "method":  # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.method, name)
 
     def score_names(self) -> list[str]:
         names = self.method.score_names()
