@@ -291,7 +291,9 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     )  # fmt: skip
     print()
     print(table.markdown())
-    print(f"best test AUROC (all sets): {table.best()}   lowest FPR95: {table.best('fpr95')}   ({table.wall_time_s:.0f}s)")
+    chosen = table.val_choice()
+    auroc = table.metrics.get(metric_names.mean_key("test", "auroc", metric_names.ALL, chosen), float("nan"))
+    print(f"chosen on val: {chosen} (test AUROC {auroc:.4f})   best on test: AUROC {table.best()}, FPR95 {table.best('fpr95')}   ({table.wall_time_s:.0f}s)")
     print(f"wrote {table.markdown_path}")
     if table.run_id:
         from . import tracking

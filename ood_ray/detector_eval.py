@@ -61,6 +61,11 @@ class DetectorTable:
         sign = -1.0 if key.startswith("fpr") else 1.0
         return max(self.rows, key=lambda r: sign * self.metrics.get(names.mean_key("test", key, group, r), -math.inf * sign))
 
+    def val_choice(self) -> str:
+        """The row a val-only choice picks (highest mean val AUROC; the first one on ties), as
+        ``--detectors`` does in training."""
+        return max(self.rows, key=lambda r: (self.val_auroc.get(r, -math.inf), -self.rows.index(r)))
+
     def markdown(self) -> str:
         groups = [g for g in (*names.GROUPS, names.ALL) if any(names.mean_key("test", "auroc", g, r) in self.metrics for r in self.rows)]
         head = ["detector", "parameters", "val AUROC", *self.ood_sets, *(f"**{g}**" for g in groups)]

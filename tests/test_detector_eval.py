@@ -100,7 +100,7 @@ def test_evaluate_command_prints_the_table(trained, tmp_path, capsys):
     checkpoint, _, _ = trained
     assert main(["evaluate", "--checkpoint", checkpoint, "--detectors", "energy,react", "--no-mlflow", "--out", str(tmp_path / "e.md")]) == 0
     out = capsys.readouterr().out
-    assert "| react |" in out and "| energy |" in out and "best test AUROC" in out
+    assert "| react |" in out and "| energy |" in out and "chosen on val: " in out and "best on test: AUROC" in out
     assert main(["evaluate", "--checkpoint", checkpoint, "--detectors", "nope", "--no-mlflow"]) == 2
     assert "unknown detector(s) 'nope'" in capsys.readouterr().err
 
