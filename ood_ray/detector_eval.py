@@ -169,7 +169,7 @@ def evaluate_checkpoint(
         say(f"[{i}/{len(chosen)}] {name}: val AUROC {result['val_auroc']:.4f} with {result['params'] or 'no parameters'} ({result['candidates']} tried)")
     id_all = {"logits": test.id["logits"], "labels": test.id["labels"], **{k: v.astype(np.float64) for k, v in id_scores.items()}}
     metrics = split_metrics("test", id_all, ood_scores, table.groups, table.rows, "")
-    table.metrics = {k: v for k, v in metrics.items() if k not in ("test_acc", "test_ece", "test_nll")} | {"test_acc": metrics.get("test_acc", math.nan)}
+    table.metrics = metrics  # with the checkpoint's test accuracy, ECE, NLL (the same for every row)
     table.wall_time_s = time.perf_counter() - t0
     path = Path(out) if out else results_dir() / f"detectors-{time.strftime('%Y%m%d-%H%M%S')}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
