@@ -58,6 +58,8 @@ def config_from_args(ns: argparse.Namespace, defaults: dict | None = None) -> Tr
             k, v = item.split("=", 1)
             params[k] = _parse_value(item, v)
         overrides["method_params"] = params
+    if "detectors" in overrides:  # --detectors knn vim, or knn,vim
+        overrides["detectors"] = [d for item in overrides["detectors"] for d in item.split(",") if d]
     if ns.config:
         return TrainConfig.from_file(ns.config, defaults=defaults, **overrides)
     return TrainConfig.from_dict({**(defaults or {}), **overrides}, where="command line")
@@ -377,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="Markdown file for the table (default: <results>/detectors-<time>.md)")
     ev.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the results folder's sqlite store)")
     ev.add_argument("--experiment", default="ood-ray", help="MLflow experiment of the evaluation run (default: ood-ray)")
-    ev.add_argument("--fit-samples", type=int, default=50_000, help="train samples the detectors are fitted on (the first ones in shard order)")
+    ev.add_argument("--fit-samples", type=int, default=50_000, help="train samples the detectors are fitted on (at most this many, evenly spread over the train split)")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True, help="log the table to MLflow (default: on)")
     ev.set_defaults(fn=cmd_evaluate)
@@ -386,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", required=True, help="models:/<name>/<version>, models:/<name>@<alias>, runs:/<run_id>/model, or a local model / checkpoint folder")
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG/JPEG/...), converted to the model's mode, never resized")
     pr.add_argument("--tracking-uri", help="MLflow tracking (and registry) URI (default: $MLFLOW_TRACKING_URI or the project's sqlite store)")
-    pr.add_argument("--delta", type=float, help="threshold δ in [0, 1] instead of the model's own")
+    pr.add_argument("--delta", type=float, help="threshold δ on the model's threshold score instead of its own: in [0, 1] for a probability (msp, confidence, mps), any number for a detector's score")
     pr.add_argument("--json", action="store_true", help="one JSON object per line, with every prediction column")
     pr.set_defaults(fn=cmd_predict)
 

@@ -112,7 +112,7 @@ class TrainConfig:
     posthoc_search: bool = False  # try the method's post-hoc grid (ε, calibration) on val after training
     delta_tpr: float | None = None  # set δ on val so that this fraction of val ID is accepted (e.g. 0.95)
     detectors: list[str] = field(default_factory=list)  # post-hoc detectors to choose from on val after training ("all" = every one that fits the head); [] = the method's own scores
-    detector_fit_samples: int = 50_000  # train samples the detectors are fitted on (the first ones in shard order)
+    detector_fit_samples: int = 50_000  # train samples the detectors are fitted on (at most this many, evenly spread over the train split)
     objective: str = "auroc"  # the validation objective reported as `objective` (see ood_ray.objective)
     min_val_acc: float = 0.0  # accuracy guard of the objective (0 = no guard)
     # Ray Train

@@ -1,6 +1,6 @@
 """``ood-ray evaluate``: every post-hoc detector on one trained checkpoint, in one table.
 
-Each detector is fitted on the train split's features (the first ``fit_samples`` in shard order),
+Each detector is fitted on the train split's features (at most ``fit_samples``, evenly spread),
 its parameters are chosen on the val split (``Detector.grid``, mean val AUROC over the val OOD
 sets, as in training), and then it is scored once on the test split: AUROC, FPR95 and AUPR-In per
 test OOD set and averaged over near, far and all sets. The checkpoint's own default score
@@ -62,9 +62,10 @@ class DetectorTable:
         return max(self.rows, key=lambda r: sign * self.metrics.get(names.mean_key("test", key, group, r), -math.inf * sign))
 
     def val_choice(self) -> str:
-        """The row a val-only choice picks (highest mean val AUROC; the first one on ties), as
-        ``--detectors`` does in training."""
-        return max(self.rows, key=lambda r: (self.val_auroc.get(r, -math.inf), -self.rows.index(r)))
+        """The detector a val-only choice picks (highest mean val AUROC; the first one on ties),
+        as ``--detectors`` does in training (which never picks the method's own score row)."""
+        rows = self.rows[1:] or self.rows
+        return max(rows, key=lambda r: (self.val_auroc.get(r, -math.inf), -rows.index(r)))
 
     def markdown(self) -> str:
         groups = [g for g in (*names.GROUPS, names.ALL) if any(names.mean_key("test", "auroc", g, r) in self.metrics for r in self.rows)]
@@ -152,12 +153,14 @@ def evaluate_checkpoint(
 
         table.skipped = {n: f"needs a linear head; {meta['method']} has none" for n in DETECTORS if n not in chosen}
     # the method's own default score (with its input preprocessing, if any), for reference
-    own_val = split_metrics("val", *_outputs(model, method, bench, "val"), {n: m.group for n, m in bench.ood_val.items()}, [method.default_score], "")
+    own_val = split_metrics("val", *_outputs(model, method, bench, "val", batch_size), {n: m.group for n, m in bench.ood_val.items()}, [method.default_score], "")
     table.val_auroc[own] = own_val[names.mean_key("val", "auroc", names.ALL, method.default_score)]
-    id_out, ood_outs = _outputs(model, method, bench, "test")
+    id_out, ood_outs = _outputs(model, method, bench, "test", batch_size)
     id_scores = {own: id_out[method.default_score]}
     ood_scores = {n: {own: o[method.default_score]} for n, o in ood_outs.items()}
-    for i, result in enumerate(search(chosen, train, val, model, method), 1):
+    results, failed = search(chosen, train, val, model, method)
+    table.skipped.update({n: f"cannot be fitted: {why}" for n, why in failed.items()})
+    for i, result in enumerate(results, 1):
         name, det = result["name"], result["detector"]
         s_id, s_ood = test.scores(det)
         id_scores[name] = s_id
@@ -166,7 +169,7 @@ def evaluate_checkpoint(
         table.rows.append(name)
         table.params[name] = result["params"]
         table.val_auroc[name] = result["val_auroc"]
-        say(f"[{i}/{len(chosen)}] {name}: val AUROC {result['val_auroc']:.4f} with {result['params'] or 'no parameters'} ({result['candidates']} tried)")
+        say(f"[{i}/{len(results)}] {name}: val AUROC {result['val_auroc']:.4f} with {result['params'] or 'no parameters'} ({result['candidates']} tried)")
     id_all = {"logits": test.id["logits"], "labels": test.id["labels"], **{k: v.astype(np.float64) for k, v in id_scores.items()}}
     metrics = split_metrics("test", id_all, ood_scores, table.groups, table.rows, "")
     table.metrics = metrics  # with the checkpoint's test accuracy, ECE, NLL (the same for every row)
@@ -180,9 +183,9 @@ def evaluate_checkpoint(
     return table
 
 
-def _outputs(model, method, bench: Benchmark, split: str):
+def _outputs(model, method, bench: Benchmark, split: str, batch_size: int):
     with scoring_mode(method):
-        return score_split(model, method, bench, split, 0, 1, "cpu", 256)
+        return score_split(model, method, bench, split, 0, 1, "cpu", batch_size)
 
 
 def _log(table: DetectorTable, tracking_uri: str, experiment: str, bench: Benchmark) -> str:

@@ -169,3 +169,68 @@ def test_demo_page_answers_with_the_detector_and_its_delta(trained, monkeypatch)
     assert at.subheader[0].value.startswith("8 of 8 images rejected")
     at.number_input(key="delta").set_value(-1e9).run()
     assert at.subheader[0].value.startswith("0 of 8 images rejected")
+
+
+def test_the_fit_subset_is_spread_over_classes_and_the_same_for_any_worker_count(trained, digits_ood):
+    from ood_ray.data.manifest import Benchmark
+    from ood_ray.engine.detect import collect_features, in_subset
+    from ood_ray.methods import get_method
+
+    checkpoint, _, _ = trained
+    model, meta, _ = load_model_dir(checkpoint)
+    method = get_method(meta["method"], meta["method_params"])
+    bench = Benchmark.load(digits_ood)
+    sub = collect_features(model, method, bench.train, 0, 1, "cpu", 64, limit=150)
+    assert 0 < len(sub["keys"]) <= 150 and list(sub["keys"]) == sorted(sub["keys"])
+    assert set(sub["labels"].tolist()) == set(range(10))  # shards are written in class-agnostic order here, but the rule does not rely on it
+    stride = -(-bench.train.num_samples // 150)
+    assert all(in_subset(k, stride) for k in sub["keys"])  # chosen by key alone: no rank or order in it
+    full = collect_features(model, method, bench.train, 0, 1, "cpu", 64)
+    assert len(full["keys"]) == bench.train.num_samples
+
+
+def test_a_detector_that_cannot_be_fitted_is_left_out_and_delta_is_carried_over(digits_ood, tmp_path):
+    """Eight train samples cannot give Mahalanobis all ten class means: it is left out, knn is
+    chosen. Without --delta-tpr, δ on knn's score accepts the share of val ID the method's δ did."""
+    from ood_ray.data.manifest import Benchmark
+    from ood_ray.engine import train_local
+    from ood_ray.engine.detect import carried_delta
+    from ood_ray.methods import get_method
+
+    cfg = TrainConfig(method="softmax", data=str(digits_ood), epochs=1, num_workers=1, evaluate_test=False, detectors=["mahalanobis", "knn"], detector_fit_samples=8, method_params={"delta": 0.5})
+    last = train_local(cfg, tmp_path / "run")[-1]
+    assert last["ood_ray.detector"] == "knn" and "detector_mahalanobis_val_auroc" not in last
+    assert last["detector_fit_samples"] <= 8
+    model, meta, _ = load_model_dir(last["checkpoint_path"])
+    assert meta["delta"] == pytest.approx(last["chosen_detector_delta"])
+    # the same share of val ID accepted by the method's δ on msp and by the carried δ on knn
+    bench = Benchmark.load(digits_ood)
+    predictor = OODPredictor(model, meta)
+    from ood_ray.data.streams import eval_batches
+
+    images = np.concatenate([x.numpy() for x, _, _ in eval_batches(bench.val, 0, 1, 256)])
+    out = predictor.outputs(images)
+    own_share = float(np.mean(out["msp"] >= 0.5))
+    assert float(np.mean(out["knn"] >= meta["delta"])) == pytest.approx(own_share, abs=0.02)
+    assert carried_delta(model, get_method("softmax", {"delta": None}), bench, out["knn"].astype(np.float64), 0, 1, "cpu", 256) is None
+
+
+def test_choosing_a_detector_needs_val_ood_sets(trained, digits_ood):
+    from ood_ray.data.manifest import Benchmark, DataError
+    from ood_ray.engine.detect import choose_detector
+    from ood_ray.methods import get_method
+
+    checkpoint, _, _ = trained
+    model, meta, _ = load_model_dir(checkpoint)
+    bench = Benchmark.load(digits_ood)
+    bench.ood_val = {}
+    cfg = TrainConfig(method="outlier_exposure", data=str(digits_ood), detectors=["knn"])
+    with pytest.raises(DataError, match="needs val OOD sets"):
+        choose_detector(model, get_method(meta["method"], meta["method_params"]), cfg, bench, 0, 1, "cpu")
+
+
+def test_detectors_flag_takes_commas_like_evaluate():
+    from ood_ray.cli import build_parser, config_from_args
+
+    ns = build_parser().parse_args(["train", "--detectors", "knn,vim", "energy"])
+    assert config_from_args(ns).detectors == ["knn", "vim", "energy"]

@@ -1,50 +1,68 @@
 """Post-hoc detectors on a trained model: features, fitting on train, choosing on val.
 
-A detector (``ood_ray.detectors``) is fitted on the penultimate features of the train split (the
-first ``detector_fit_samples`` in shard order, augmentation off), its parameters are tried on the
-val split (``Detector.grid``), and the best one by the mean val AUROC over the val OOD sets wins.
-Nothing from a test split is read. Every rank computes the same (gathered) arrays, so every rank
-makes the same choice.
+A detector (``ood_ray.detectors``) is fitted on the penultimate features of the train split (at
+most ``detector_fit_samples``: an evenly spread subset of larger sets; augmentation off), its
+parameters are tried on the val split (``Detector.grid``), and the best one by the mean val AUROC
+over the val OOD sets wins.
+Nothing from a test split is read. Every rank searches on the same gathered arrays and takes
+rank 0's choice.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import zlib
 from collections.abc import Iterable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .. import metrics as M
 from ..checkpoint import unwrap
 from ..config import check_detectors
-from ..data.manifest import Benchmark, Manifest
+from ..data.manifest import Benchmark, DataError, Manifest
 from ..data.streams import eval_batches
-from ..detectors import DETECTORS, make_detector
+from ..detectors import DETECTORS, DetectorError, make_detector
 from ..methods import Method
 from ..methods.with_detector import WithDetector
 from ..progress import say
-from .evaluate import gather, normalize
+from .evaluate import collect, gather, normalize, scoring_mode
+
+
+def fit_stride(manifest: Manifest, limit: int | None) -> int:
+    """Keep one train sample in this many when fitting on at most ``limit`` of ``manifest``."""
+    return 1 if limit is None or manifest.num_samples <= limit else -(-manifest.num_samples // limit)
+
+
+def in_subset(key: str, stride: int) -> bool:
+    """Whether a sample belongs to the fit subset: its key's CRC-32 is 0 modulo ``stride``. Spread
+    over every shard and class (shards are often written class by class), and the same for any
+    number of workers."""
+    return stride == 1 or zlib.crc32(key.encode()) % stride == 0
 
 
 def collect_features(model, method: Method, manifest: Manifest, rank: int, world: int, device, batch_size: int, limit: int | None = None) -> dict[str, np.ndarray]:
-    """Gathered ``features``, ``logits``, ``labels`` and ``keys`` of ``manifest`` (the first
-    ``limit`` samples in shard order when given)."""
+    """Gathered ``features``, ``logits``, ``labels`` and ``keys`` of ``manifest``, sorted by key.
+
+    With ``limit`` below the set's size, only an evenly spread subset is run through the model
+    (``in_subset``: about ``limit`` samples from every part of the set), cut to ``limit``."""
     model = unwrap(model).eval()
-    share = None if limit is None else -(-limit // world)
+    stride = fit_stride(manifest, limit)
     parts: dict[str, list] = {"features": [], "logits": [], "labels": [], "keys": []}
-    n = 0
     with torch.no_grad():
         for x, y, keys in eval_batches(manifest, rank, world, batch_size):
+            if stride > 1:
+                keep = [i for i, k in enumerate(keys) if in_subset(k, stride)]
+                if not keep:
+                    continue
+                x, y, keys = x[keep], y[keep], [keys[i] for i in keep]
             f = model.features(normalize(x, device))
             parts["features"].append(f.float().cpu().numpy())
             parts["logits"].append(method.logits(model.head(f)).float().cpu().numpy())
             parts["labels"].append(y.numpy())
             parts["keys"].extend(keys)
-            n += len(y)
-            if share is not None and n >= share:
-                break
     width = unwrap(model).num_features
     local = {k: np.concatenate(v) if v else np.zeros((0, width) if k == "features" else 0, np.float32) for k, v in parts.items() if k != "keys"}
     local["keys"] = np.asarray(parts["keys"], dtype=object)
@@ -113,40 +131,85 @@ def fit(name: str, params: dict, train: dict[str, np.ndarray], model, method: Me
     )
 
 
-def search(names: Iterable[str], train: dict[str, np.ndarray], val: Scorer, model, method: Method) -> list[dict]:
-    """Every candidate (detector × its grid) fitted on ``train`` and scored on val; one entry per
-    detector: its best ``params``, ``val_auroc`` and the fitted ``detector`` (first best wins)."""
-    out = []
+def search(names: Iterable[str], train: dict[str, np.ndarray], val: Scorer, model, method: Method) -> tuple[list[dict], dict[str, str]]:
+    """Every candidate (detector × its grid) fitted on ``train`` and scored on val.
+
+    Returns one entry per detector that could be fitted: its best ``params``, ``val_auroc`` and
+    the fitted ``detector`` (the first best wins), and ``{detector: why}`` for those that could not
+    (e.g. Mahalanobis on a fit subset missing a class): they are left out, not fatal."""
+    out, failed = [], {}
     sizes = {"feature_dim": int(train["features"].shape[1]), "num_classes": int(train["logits"].shape[1]), "num_train": len(train["labels"])}
     for name in names:
         best = {"name": name, "val_auroc": -math.inf, "params": {}, "detector": None, "candidates": 0}
         for params in DETECTORS[name].grid(**sizes):
-            det = fit(name, params, train, model, method)
+            try:
+                det = fit(name, params, train, model, method)
+            except DetectorError as e:
+                failed[name] = str(e)
+                continue
             auroc = val.mean_auroc(det)
+            auroc = auroc if math.isfinite(auroc) else -math.inf
             best["candidates"] += 1
             if auroc > best["val_auroc"] or best["detector"] is None:
                 best.update(val_auroc=auroc, params=dict(det.params), detector=det)
-        out.append(best)
-    return out
+        if best["detector"] is not None:
+            out.append(best)
+            failed.pop(name, None)
+    return out, failed
+
+
+def carried_delta(model, method: Method, bench: Benchmark, scores: np.ndarray, rank: int, world: int, device, batch_size: int) -> float | None:
+    """δ on a detector's val ID ``scores`` that accepts the same share of val ID as the method's
+    own δ on its threshold score (None when the method has none)."""
+    if method.delta is None:
+        return None
+    with scoring_mode(method):
+        own = gather(collect(model, method, bench.val, rank, world, device, batch_size), world)[method.threshold_score]
+    accepted = float(np.mean(own.astype(np.float64) >= float(method.delta)))
+    return float(np.quantile(scores, 1.0 - accepted)) if accepted < 1.0 else float(np.min(scores))
+
+
+def agree(choice: tuple, world: int) -> tuple:
+    """Rank 0's ``choice`` on every rank: the ranks search on the same gathered arrays, and this
+    keeps a float tie broken differently on another host from splitting them."""
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        box = [choice]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return choice
 
 
 def choose_detector(model, method: Method, cfg, bench: Benchmark, rank: int, world: int, device) -> tuple[WithDetector, dict]:
-    """The detector of ``cfg.detectors`` with the best val AUROC, fitted on train, δ set on val ID
-    (``cfg.delta_tpr``); returns it wrapped around ``method``, and the values to log."""
+    """The detector of ``cfg.detectors`` with the best mean val AUROC, fitted on train; returns it
+    wrapped around ``method``, and the values to log.
+
+    δ is set on its val ID scores: at ``cfg.delta_tpr`` acceptance when given, else at the share of
+    val ID the method's own δ accepts (so "don't know" keeps its operating point)."""
+    if not bench.ood_val:
+        raise DataError(f"{bench.path}: --detectors chooses a detector by val AUROC, so the benchmark needs val OOD sets (ood_val)")
     bs = cfg.eval_batch_size
     train = collect_features(model, method, bench.train, rank, world, device, bs, limit=cfg.detector_fit_samples)
     val = Scorer(model, method, bench, "val", rank, world, device, bs)
-    results = search(check_detectors(cfg.method, method.params, cfg.detectors), train, val, model, method)
+    results, failed = search(check_detectors(cfg.method, method.params, cfg.detectors), train, val, model, method)
+    if not results:
+        raise DataError("no detector could be fitted on the train features: " + "; ".join(failed.values()))
     best = max(results, key=lambda r: (r["val_auroc"], -results.index(r)))
-    det = best["detector"]
-    delta = None
+    name, params = agree((best["name"], best["params"]), world)
+    best = next(r for r in results if r["name"] == name)
+    det = best["detector"] if best["params"] == params else fit(name, params, train, model, method)
+    s_id = val.scores(det)[0].astype(np.float32).astype(np.float64)  # as the run's metrics read them
     if cfg.delta_tpr is not None:
-        s_id, _ = val.scores(det)
-        delta = float(np.quantile(s_id.astype(np.float64), 1.0 - cfg.delta_tpr))
+        delta = float(np.quantile(s_id, 1.0 - cfg.delta_tpr))
+    else:
+        delta = carried_delta(model, method, bench, s_id, rank, world, device, bs)
     if rank == 0:
         ranked = sorted(results, key=lambda r: -r["val_auroc"])
-        say("detectors on val (mean AUROC): " + ", ".join(f"{r['name']} {r['val_auroc']:.4f}" for r in ranked) + f"; chosen: {det.name} {best['params']}")
+        say("detectors on val (mean AUROC): " + ", ".join(f"{r['name']} {r['val_auroc']:.4f}" for r in ranked) + f"; chosen: {name} {params}")
+        for n, why in failed.items():
+            say(f"detector {n} left out: {why}")
     logs = {f"detector_{r['name']}_val_auroc": r["val_auroc"] for r in results}
     logs["detector_fit_samples"] = float(len(train["labels"]))
-    logs.update({f"chosen_detector_{k}": float(v) for k, v in best["params"].items() if isinstance(v, int | float) and not isinstance(v, bool)})
+    logs.update({f"chosen_detector_{k}": float(v) for k, v in params.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+    if delta is not None:
+        logs["chosen_detector_delta"] = delta
     return WithDetector(method, det, delta), logs

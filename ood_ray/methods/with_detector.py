@@ -33,7 +33,7 @@ class WithDetector:
         self.detector = detector
         self.delta = None if delta is None else float(delta)
         self.default_score = self.threshold_score = detector.name
-        self.eval_needs_grad = bool(method.eval_needs_grad or detector.needs_model)
+        self.eval_needs_grad = method.eval_needs_grad  # ODIN enables the input gradient it needs itself
 
     def __getattr__(self, name: str):  # everything else is the method's
         if name == "method":  # not set yet (e.g. while unpickling): no recursion

@@ -94,7 +94,7 @@ def main() -> None:
     show_provenance(predictor, uri, tracking, settings["ui"])
 
     low, high = predictor.method.threshold_range
-    start = predictor.delta if predictor.delta is not None else low
+    start = predictor.delta if predictor.delta is not None else (low if math.isfinite(low) else 0.0)
     if math.isfinite(low) and math.isfinite(high):
         delta = st.sidebar.slider(f"δ on {predictor.threshold_score}", float(low), float(high), float(start), step=(high - low) / 1000, format="%.4f", key="delta")
     else:

@@ -136,7 +136,8 @@ def load_predictor(
 
     Raises ModelLoadError naming the URI when the store is unreachable or missing, the model,
     version, alias or run does not exist, or the model is not an ood-ray model; ValueError for
-    a ``delta`` outside [0, 1].
+    a ``delta`` outside the threshold score's range ([0, 1] for a probability; any number for a
+    post-hoc detector's score).
     """
     kwargs = {"batch_size": batch_size, "device": device}
     if delta is not None:
@@ -193,7 +194,8 @@ def predict(
     of file paths (``str`` or ``Path``), PIL images, PNG/JPEG bytes or numpy arrays of one image
     each (see ``OODPredictor.image_array``), or an ``N×H×W[×C]`` array. Images are converted to
     the model's mode but never resized; errors name the file. ``delta`` replaces the model's δ
-    for this call (None keeps it; 0 makes every image known, since scores are not negative).
+    for this call (None keeps it; 0 makes every image known for the probability scores, which are
+    never negative; a post-hoc detector's score can be, e.g. knn and mahalanobis).
 
     Each dict has ``image`` (the path as given, None for in-memory images) and the columns of
     ``COLUMNS`` as plain Python values (JSON-ready): ``class_name``, ``score_name`` and

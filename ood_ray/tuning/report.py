@@ -120,6 +120,8 @@ def finish_sweep(sweep: SweepConfig, grid, client: MlflowClient, parent_id: str,
     tracking.log_metrics(client, parent_id, metrics, step=0)
     tracking.set_tag(client, parent_id, "ood_ray.best_trial", best["trial_id"])
     tracking.set_tag(client, parent_id, "ood_ray.best_checkpoint", best["checkpoint"])
+    if isinstance(best["metrics"].get("ood_ray.detector"), str):  # --detectors: the best trial's choice
+        tracking.set_tag(client, parent_id, "ood_ray.detector", best["metrics"]["ood_ray.detector"])
     if best_run is not None:
         tracking.set_tag(client, parent_id, "ood_ray.best_run", best_run)
     if model_uri:
