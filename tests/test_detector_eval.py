@@ -234,3 +234,35 @@ def test_detectors_flag_takes_commas_like_evaluate():
 
     ns = build_parser().parse_args(["train", "--detectors", "knn,vim", "energy"])
     assert config_from_args(ns).detectors == ["knn", "vim", "energy"]
+
+
+def test_odin_scores_images_through_the_wrapper_and_a_restored_checkpoint(trained, digits_ood):
+    """ODIN needs the model and input gradients: in ``WithDetector.eval_batch`` (run under no_grad,
+    as evaluation does) and after ``restore_detector`` rebinds it to a loaded model."""
+    from ood_ray.checkpoint import restore_detector
+    from ood_ray.data.manifest import Benchmark
+    from ood_ray.data.streams import eval_batches
+    from ood_ray.engine.detect import collect_features, fit
+    from ood_ray.methods import get_method
+    from ood_ray.methods.with_detector import WithDetector
+
+    checkpoint, _, _ = trained
+    model, meta, _ = load_model_dir(checkpoint)
+    method = get_method(meta["method"], meta["method_params"])
+    bench = Benchmark.load(digits_ood)
+    train = collect_features(model, method, bench.train, 0, 1, "cpu", 256, limit=50)
+    det = fit("odin", {"temperature": 10.0, "epsilon": 0.0014}, train, model, method)
+    x = next(iter(eval_batches(bench.test, 0, 1, 32)))[0].float() / 127.5 - 1.0
+    with torch.no_grad():
+        out = WithDetector(method, det, 0.5).eval_batch(model, x)
+    expected = det.score(x)
+    np.testing.assert_allclose(out["odin"].numpy(), expected.numpy(), rtol=1e-6)
+    assert not np.allclose(expected.numpy(), make_plain_msp(model, x, 10.0))  # the perturbation moved the scores
+    fresh, _, _ = load_model_dir(checkpoint)
+    restored = restore_detector(fresh, method, {"name": "odin", "params": det.params}, det.state(), Path("model.json"), Path("state.pt"))
+    np.testing.assert_allclose(restored.score(x).numpy(), expected.numpy(), rtol=1e-6)
+
+
+def make_plain_msp(model, x, temperature: float) -> np.ndarray:
+    with torch.no_grad():
+        return torch.softmax(model(x).double() / temperature, 1).amax(1).numpy()
