@@ -26,6 +26,7 @@ import torch
 
 from .config import TrainConfig
 from .methods import Method, get_method
+from .methods.with_detector import WithDetector
 from .models import Classifier, build_backbone
 
 STATE_FILE = "state.pt"
@@ -61,7 +62,7 @@ def model_meta(cfg: TrainConfig, class_names: list[str], image_size, mode: str, 
         "exported_output": m.exported_output,
         "normalization": "x / 127.5 - 1 on uint8 pixels",
     }
-    if scoring is not None and hasattr(scoring, "detector"):
+    if isinstance(scoring, WithDetector):
         meta.update(default_score=scoring.default_score, threshold_score=scoring.threshold_score, delta=scoring.delta, detector=scoring.describe())
     return meta
 
