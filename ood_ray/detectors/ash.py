@@ -21,9 +21,9 @@ def shape_ratio(z: torch.Tensor, percentile: float) -> tuple[torch.Tensor, torch
     return values, index, ratio
 
 
-class ASH(Detector):
-    name = "ash"
-    defaults = {"percentile": 90.0}
+class PercentileShaping(Detector):
+    """What ASH and SCALE share: a linear head, and the ``percentile`` that sets the top-k kept."""
+
     needs_linear_head = True
     grid_values = {"percentile": [65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0]}
 
@@ -31,6 +31,11 @@ class ASH(Detector):
     def validate(cls, params: dict) -> None:
         if not 0 <= params["percentile"] < 100:
             raise cls.bad("percentile", params["percentile"], "must lie in [0, 100)")
+
+
+class ASH(PercentileShaping):
+    name = "ash"
+    defaults = {"percentile": 90.0}
 
     def _score(self, x: torch.Tensor) -> torch.Tensor:
         z = x.to(torch.float64)

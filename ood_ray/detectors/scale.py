@@ -9,20 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from .ash import shape_ratio
-from .base import Detector, energy
+from .ash import PercentileShaping, shape_ratio
+from .base import energy
 
 
-class Scale(Detector):
+class Scale(PercentileShaping):
     name = "scale"
     defaults = {"percentile": 85.0}
-    needs_linear_head = True
-    grid_values = {"percentile": [65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0]}
-
-    @classmethod
-    def validate(cls, params: dict) -> None:
-        if not 0 <= params["percentile"] < 100:
-            raise cls.bad("percentile", params["percentile"], "must lie in [0, 100)")
 
     def _score(self, x: torch.Tensor) -> torch.Tensor:
         z = x.to(torch.float64)
