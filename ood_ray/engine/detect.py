@@ -23,12 +23,11 @@ from .. import metrics as M
 from ..checkpoint import unwrap
 from ..config import check_detectors
 from ..data.manifest import Benchmark, DataError, Manifest
-from ..data.streams import eval_batches
 from ..detectors import DETECTORS, DetectorError, make_detector
 from ..methods import Method
 from ..methods.with_detector import WithDetector
 from ..progress import say
-from .evaluate import collect, gather, normalize, scoring_mode
+from .evaluate import collect, gather, normalize, run_batches, scoring_mode
 
 
 def fit_stride(manifest: Manifest, limit: int | None) -> int:
@@ -48,38 +47,22 @@ def collect_features(model, method: Method, manifest: Manifest, rank: int, world
 
     With ``limit`` below the set's size, only an evenly spread subset is run through the model
     (``in_subset``: about ``limit`` samples from every part of the set), cut to ``limit``."""
-    model = unwrap(model).eval()
+    net = unwrap(model).eval()
     stride = fit_stride(manifest, limit)
-    parts: dict[str, list] = {"features": [], "logits": [], "labels": [], "keys": []}
+
+    def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = net.features(normalize(x, device))
+        return {"features": f, "logits": method.logits(net.head(f))}
+
     with torch.no_grad():
-        for x, y, keys in eval_batches(manifest, rank, world, batch_size):
-            if stride > 1:
-                keep = [i for i, k in enumerate(keys) if in_subset(k, stride)]
-                if not keep:
-                    continue
-                x, y, keys = x[keep], y[keep], [keys[i] for i in keep]
-            f = model.features(normalize(x, device))
-            parts["features"].append(f.float().cpu().numpy())
-            parts["logits"].append(method.logits(model.head(f)).float().cpu().numpy())
-            parts["labels"].append(y.numpy())
-            parts["keys"].extend(keys)
-    width = unwrap(model).num_features
-    local = {k: np.concatenate(v) if v else np.zeros((0, width) if k == "features" else 0, np.float32) for k, v in parts.items() if k != "keys"}
-    local["keys"] = np.asarray(parts["keys"], dtype=object)
+        local = run_batches(manifest, rank, world, batch_size, run, keep=(lambda k: in_subset(k, stride)) if stride > 1 else None)
     out = gather(local, world)
-    if limit is not None:
-        out = {k: v[:limit] for k, v in out.items()}
-    return out
+    return out if limit is None else {k: v[:limit] for k, v in out.items()}
 
 
-def image_scores(model, det, manifest: Manifest, rank: int, world: int, device, batch_size: int) -> np.ndarray:
+def image_scores(det, manifest: Manifest, rank: int, world: int, device, batch_size: int) -> np.ndarray:
     """Gathered scores of a detector that scores images (``needs_model``, ODIN) on ``manifest``."""
-    parts: dict[str, list] = {"score": [], "keys": []}
-    for x, _, keys in eval_batches(manifest, rank, world, batch_size):
-        parts["score"].append(det.score(normalize(x, device)).detach().float().cpu().numpy())
-        parts["keys"].extend(keys)
-    local = {"score": np.concatenate(parts["score"]) if parts["score"] else np.zeros(0, np.float32), "keys": np.asarray(parts["keys"], dtype=object)}
-    return gather(local, world)["score"]
+    return gather(run_batches(manifest, rank, world, batch_size, lambda x: {"score": det.score(normalize(x, device))}), world)["score"]
 
 
 class Scorer:
@@ -95,7 +78,7 @@ class Scorer:
     def scores(self, det) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """``(ID scores, {OOD set: scores})`` of ``det``."""
         if det.needs_model:
-            run = lambda m: image_scores(self.model, det, m, self.rank, self.world, self.device, self.bs)  # noqa: E731
+            run = lambda m: image_scores(det, m, self.rank, self.world, self.device, self.bs)  # noqa: E731
             return run(self.id_manifest), {n: run(m) for n, m in self.ood.items()}
         run = lambda out: det.score(torch.from_numpy(out["features"])).detach().double().cpu().numpy()  # noqa: E731
         return run(self.id), {n: run(out) for n, out in self.ood_feats.items()}

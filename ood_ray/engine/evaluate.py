@@ -23,19 +23,29 @@ def normalize(x: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tens
     return x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
 
 
-def collect(model, method: Method, manifest: Manifest, rank: int, world: int, device, batch_size: int) -> dict[str, np.ndarray]:
-    """This rank's share of ``manifest``: method outputs (logits and scores), labels and keys."""
-    model = unwrap(model).eval()
+def run_batches(manifest: Manifest, rank: int, world: int, batch_size: int, fn, keep=None) -> dict[str, np.ndarray]:
+    """This rank's share of ``manifest`` through ``fn`` (uint8 images -> dict of tensors), with
+    labels and keys; ``keep(key)`` selects samples before ``fn`` runs (None: all)."""
     parts: dict[str, list] = {"labels": [], "keys": []}
     for x, y, keys in eval_batches(manifest, rank, world, batch_size):
-        out = method.eval_batch(model, normalize(x, device))
-        for k, v in out.items():
+        if keep is not None:
+            chosen = [i for i, k in enumerate(keys) if keep(k)]
+            if not chosen:
+                continue
+            x, y, keys = x[chosen], y[chosen], [keys[i] for i in chosen]
+        for k, v in fn(x).items():
             parts.setdefault(k, []).append(v.detach().float().cpu().numpy())
         parts["labels"].append(y.numpy())
         parts["keys"].extend(keys)
     res = {k: np.concatenate(v) if k != "keys" and v else np.asarray(v) for k, v in parts.items()}
     res["keys"] = np.asarray(parts["keys"], dtype=object)
     return res
+
+
+def collect(model, method: Method, manifest: Manifest, rank: int, world: int, device, batch_size: int) -> dict[str, np.ndarray]:
+    """This rank's share of ``manifest``: method outputs (logits and scores), labels and keys."""
+    model = unwrap(model).eval()
+    return run_batches(manifest, rank, world, batch_size, lambda x: method.eval_batch(model, normalize(x, device)))
 
 
 def gather(local: dict[str, np.ndarray], world: int) -> dict[str, np.ndarray]:
