@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -219,23 +220,43 @@ def cmd_build_openood(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(ns: argparse.Namespace) -> int:
+    import functools
+
+    from .data.build import build_benchmark
+    from .data.manifest import Benchmark
+
+    log = functools.partial(print, file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    built = build_benchmark(ns.spec, ns.root, ns.out, progress=True, log=log)
+    print(f"wrote {len(built.sets)} sets in {time.perf_counter() - t0:.0f}s:")
+    for p, m, enc in built.sets:
+        print(f"  {m.role:<9} {m.name:<24} {p.group or '-':<5} {m.num_samples:>8}  {enc:<4} {p.origin}")
+    print(f"benchmark: {built.path}  (digest {Benchmark.load(built.path).digest()[:16]})")
+    return 0
+
+
 def cmd_verify(ns: argparse.Namespace) -> int:
     from .data.manifest import Benchmark, Manifest
 
     path = Path(ns.path)
     is_bench = path.name == "benchmark.json" or (path.is_dir() and (path / "benchmark.json").exists())
     manifests = Benchmark.load(path, verify=True).all_manifests() if is_bench else [Manifest.load(path, verify=True)]
+    from .data.mixing import class_sorted_shards, sorted_warning
+
     for m in manifests:
         print(f"ok  {m.role:<9}{m.name:<22}{m.num_samples:>7} samples in {len(m.shards)} shards")
         for command in m.commands():  # what reading it will run (allowed: see OOD_RAY_ALLOW_PIPE)
             print(f"    runs: {command}")
+        if m.role == "train" and (found := class_sorted_shards(m)):
+            print(f"warning: {sorted_warning(m, found)}", file=sys.stderr)
     return 0
 
 
 def cmd_shard(ns: argparse.Namespace) -> int:
     from .data import writer
 
-    kw = dict(name=ns.name, role=ns.role, group=ns.group, encoding=ns.encoding, maxcount=ns.maxcount, description=ns.description or "")
+    kw = dict(name=ns.name, role=ns.role, group=ns.group, encoding=ns.encoding, maxcount=ns.maxcount, description=ns.description or "", shuffle_seed=None if ns.no_shuffle else ns.shuffle_seed)
     if ns.upload:
         kw["upload"] = writer.Upload(ns.upload, **{k: v for k, v in (("put", ns.upload_cmd), ("get", ns.read_cmd)) if v})
     elif ns.upload_cmd or ns.read_cmd:
@@ -249,6 +270,8 @@ def cmd_shard(ns: argparse.Namespace) -> int:
     sources = [s for s in (ns.folder, ns.torchvision, ns.npz) if s]
     if len(sources) != 1:
         raise DataError("give exactly one source: --folder DIR, --torchvision NAME --root DIR, or --npz FILE")
+    if not ns.folder and ns.encoding == "auto":
+        kw["encoding"] = "png"  # only image files can be kept as they are
     if ns.folder:
         kw.setdefault("mode", "RGB")
         m = writer.write_folder_shards(ns.folder, ns.out, resize=bool(ns.image_size), **kw)
@@ -423,7 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     oo.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
     oo.add_argument("--outlier", help="auxiliary outliers for Outlier Exposure: an image list (e.g. benchmark_imglist/cifar10/train_tin597.txt) or an image folder (default: none, as OpenOOD v1.5)")
     oo.set_defaults(fn=cmd_build_openood)
-    v = dsub.add_parser("verify", help="check a manifest or benchmark: files exist, sha256 matches")
+    bd = dsub.add_parser("build", help="build a benchmark from image folders, globs, image lists and archives described by a spec file (docs/data.md)")
+    bd.add_argument("--spec", required=True, help="YAML/JSON spec mapping sources under --root to the roles train/val/test/outlier/ood_val/ood_test (e.g. benchmarks/cifar10-real.yaml)")
+    bd.add_argument("--root", required=True, help="folder the spec's paths are relative to")
+    bd.add_argument("--out", required=True, help="output folder (benchmark.json and one sub-folder per set)")
+    bd.set_defaults(fn=cmd_build)
+    v = dsub.add_parser("verify", help="check a manifest or benchmark: files exist, sha256 matches, train shards mix their classes")
     v.add_argument("path", help="manifest.json, benchmark.json, or a folder holding one")
     v.set_defaults(fn=cmd_verify)
     s = dsub.add_parser("shard", help="convert an image folder, a torchvision dataset or numpy arrays to shards")
@@ -439,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class-names", nargs="+", help="class names for --npz (default: 0..max label)")
     s.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), help="resize images to H W")
     s.add_argument("--mode", choices=("L", "RGB"))
-    s.add_argument("--encoding", choices=("png", "raw"), default="png")
+    s.add_argument("--encoding", choices=("auto", "png", "jpg", "raw"), default="auto", help="auto (default): JPEG files are kept as they are (jpg) unless --image-size resizes them, anything else is PNG")
+    s.add_argument("--shuffle-seed", type=int, default=0, help="samples are written in this seeded shuffled order, so shards mix the classes (recorded in the manifest)")
+    s.add_argument("--no-shuffle", action="store_true", help="write samples in source order (an image folder: class by class)")
     s.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
     s.add_argument("--description")
     s.add_argument("--upload", metavar="DEST", help="send each shard to DEST (e.g. s3://bucket/prefix) as it is written and delete the local copy; --out keeps the manifest")

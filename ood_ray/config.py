@@ -101,6 +101,7 @@ class TrainConfig:
     augment_pad: int = 1  # random-crop padding in pixels (0 = off)
     hflip: bool = False  # digits must not be flipped; turn on for natural images
     shuffle_buffer: int = 1000
+    decoded_cache_mb: float = 64.0  # per process: a set whose decoded images fit is decoded once and served from memory (0 = always stream)
     loader_workers: int = 0  # DataLoader processes per worker
     eval_batch_size: int = 256
     skip_bad_samples: bool = False  # skip (and count) undecodable samples and unreadable shard tails instead of failing
@@ -223,6 +224,8 @@ class TrainConfig:
             bad("min_val_acc", "must lie in [0, 1]")
         if self.delta_tpr is not None and not 0.0 < self.delta_tpr < 1.0:
             bad("delta_tpr", "a fraction of val ID to accept, strictly between 0 and 1 (e.g. 0.95)")
+        if not 0 <= self.decoded_cache_mb <= 1 << 20:
+            bad("decoded_cache_mb", "must lie in [0, 1048576] (MiB; 0 streams every set from its shards)")
         if not self.cpus_per_worker > 0:
             bad("cpus_per_worker", "must be > 0 (fractions such as 0.5 are fine)")
         method = METHODS[self.method]

@@ -49,15 +49,17 @@ def mlflow_uri(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def write_toy(out_dir, n=40, classes=3, maxcount=10, role="train", size=(8, 8), seed=0, name="toy"):
-    """A small real shard set written by the project's writer."""
+def write_toy(out_dir, n=40, classes=3, maxcount=10, role="train", size=(8, 8), seed=0, name="toy", shuffle_seed=None):
+    """A small real shard set written by the project's writer; in key order by default (shard
+    ``i`` holds keys ``i*maxcount ...``: tests of damaged shards rely on that), which is fine for
+    labels drawn at random."""
     from ood_ray.data.writer import write_array_shards
 
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(n, *size), dtype=np.uint8)
     labels = rng.integers(0, classes, size=n) if role in ("train", "val", "test") else np.full(n, -1)
     names = [f"c{i}" for i in range(classes)] if role in ("train", "val", "test") else []
-    return write_array_shards(images, labels, out_dir, name=name, role=role, class_names=names, maxcount=maxcount, progress=False)
+    return write_array_shards(images, labels, out_dir, name=name, role=role, class_names=names, maxcount=maxcount, progress=False, shuffle_seed=shuffle_seed)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -36,7 +36,7 @@ def test_writer_roundtrip_and_manifest(tmp_path):
 def test_raw_encoding_roundtrip(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (12, 6, 5, 3), dtype=np.uint8)
-    m = write_array_shards(images, np.zeros(12, int), tmp_path, name="r", role="val", class_names=["a"], encoding="raw", image_size=(6, 5), progress=False)
+    m = write_array_shards(images, np.zeros(12, int), tmp_path, name="r", role="val", class_names=["a"], encoding="raw", image_size=(6, 5), progress=False, shuffle_seed=None)
     x = torch_cat([X for X, _, _ in eval_batches(m, 0, 1, 5)])
     assert np.array_equal(x.permute(0, 2, 3, 1).numpy(), images)
 

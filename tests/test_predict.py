@@ -103,7 +103,7 @@ def test_api_on_png_files_matches_predictor(store, monkeypatch):
     assert all(list(r) == ["image", *COLUMNS] for r in rows)
     json.dumps(rows)  # plain Python values
     assert [r["class_name"] for r in rows] == list(ref["class_name"])
-    assert [r["score"] for r in rows] == list(ref["score"])  # PNG is lossless: the same pixels
+    assert [r["score"] for r in rows] == pytest.approx(list(ref["score"]), rel=1e-6)  # PNG is lossless: the same pixels (batches of other sizes may round differently)
     assert [r["unknown"] for r in rows] == list(ref["unknown"])
     assert [r["threshold_value"] for r in rows] == list(ref["threshold_value"])
     assert all(r["score_name"] == "msp" and r["delta"] == 0.15 for r in rows)

@@ -137,6 +137,7 @@ class ShardInfo:
     url: str
     count: int
     sha256: str | None = None
+    classes: list[int] | None = None  # ID sets: samples per class in this shard (the class histogram)
 
 
 @dataclass
@@ -151,6 +152,7 @@ class Manifest:
     encoding: str = "png"
     description: str = ""
     format_version: int = FORMAT_VERSION
+    shuffle_seed: int | None = None  # the samples were written in the order of this seeded shuffle (None: source order)
     path: str | None = None  # where the manifest was read from; not serialized
 
     @property
@@ -183,6 +185,11 @@ class Manifest:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("path")
+        if d["shuffle_seed"] is None:  # optional keys are left out when unknown
+            d.pop("shuffle_seed")
+        for shard in d["shards"]:
+            if shard["classes"] is None:
+                shard.pop("classes")
         d["image_size"] = list(self.image_size)
         d["num_samples"] = self.num_samples
         return d
@@ -235,7 +242,14 @@ class Manifest:
                 raise DataError(f"{where}: shards[{i}].url must be a non-empty string, got {s['url']!r}")
             if not isinstance(s["count"], int) or isinstance(s["count"], bool) or not 0 <= s["count"] <= MAX_SHARD_SAMPLES:
                 raise DataError(f"{where}: shards[{i}].count must be an int in [0, {MAX_SHARD_SAMPLES}], got {s['count']!r}")
-            shards.append(ShardInfo(url=s["url"], count=s["count"], sha256=s.get("sha256")))
+            hist = s.get("classes")
+            if hist is not None and (
+                not isinstance(hist, list)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in hist)
+                or sum(hist) != s["count"]
+            ):
+                raise DataError(f"{where}: shards[{i}].classes must be a list of counts per class summing to its count {s['count']}")
+            shards.append(ShardInfo(url=s["url"], count=s["count"], sha256=s.get("sha256"), classes=hist))
         class_names = d.get("class_names", [])
         if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
             raise DataError(f"{where}: class_names must be a list of strings, got {class_names!r}"[:300])
@@ -244,6 +258,12 @@ class Manifest:
             raise DataError(f"{where}: encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
         if d["role"] in ID_ROLES and not class_names:
             raise DataError(f"{where}: role {d['role']!r} needs class_names")
+        for i, sh in enumerate(shards):
+            if sh.classes is not None and len(sh.classes) != len(class_names):
+                raise DataError(f"{where}: shards[{i}].classes has {len(sh.classes)} counts for {len(class_names)} classes")
+        seed = d.get("shuffle_seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+            raise DataError(f"{where}: shuffle_seed must be a non-negative int or null, got {seed!r}")
         m = cls(
             name=d["name"],
             role=d["role"],
@@ -255,6 +275,7 @@ class Manifest:
             encoding=encoding,
             description=d.get("description", ""),
             format_version=version,
+            shuffle_seed=seed,
             path=path,
         )
         if "num_samples" in d and d["num_samples"] != m.num_samples:
@@ -314,6 +335,12 @@ class Benchmark:
         if self.outlier is not None:
             ms.append(self.outlier)
         return ms + list(self.ood_val.values()) + list(self.ood_test.values())
+
+    def digest(self) -> str:
+        """sha256 of every manifest's content (not its location): equal for a copied or moved
+        benchmark, different when any shard, count, class or set changes."""
+        spec = [m.to_dict() for m in self.all_manifests()]
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
     @property
     def class_names(self) -> list[str]:

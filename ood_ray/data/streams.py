@@ -12,7 +12,11 @@ How an epoch is split across ``world`` ranks (the rule the README documents):
    a rank that ran out; the few samples beyond that (the difference between ranks plus a partial
    batch) are skipped this epoch and, because step 1 reshuffles, are different ones next epoch.
 
-Within a rank, samples pass a seeded shuffle buffer, are decoded and checked against the manifest
+Within a rank, the shards are read interleaved, up to ``sampling.INTERLEAVE`` at once: the next sample
+comes from shard ``i`` with probability proportional to the samples it has left (a uniformly random
+merge that keeps each shard's own order), so every stretch of the stream mixes the classes of all
+the open shards even when each shard holds one class. The interleaved samples then pass a seeded
+shuffle buffer (``sampling``), are decoded and checked against the manifest
 (image present, size and mode, label in range), augmented, and grouped into uint8 batches. With
 ``loader_workers > 0`` decoding runs in DataLoader worker processes, which split the rank's shards.
 
@@ -44,6 +48,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .manifest import OOD_LABEL, DataError, Manifest, is_remote
+from .sampling import augment, augment_chunk, chunked, interleave, shuffled  # noqa: F401 (augment: part of this module's API)
 from .tar import local_tar_samples
 
 CHUNK = 32  # samples per message from a DataLoader worker to the training process
@@ -213,50 +218,6 @@ def decode_sample(sample: dict, manifest: Manifest) -> tuple[np.ndarray, int, st
     return np.ascontiguousarray(arr.transpose(2, 0, 1)), label, key
 
 
-def augment(img: np.ndarray, rng: np.random.Generator, pad: int, hflip: bool) -> np.ndarray:
-    """Random crop after zero padding by ``pad`` pixels, and an optional horizontal flip."""
-    if pad > 0:
-        c, h, w = img.shape
-        padded = np.zeros((c, h + 2 * pad, w + 2 * pad), dtype=img.dtype)
-        padded[:, pad : pad + h, pad : pad + w] = img
-        y, x = rng.integers(0, 2 * pad + 1, size=2)
-        img = padded[:, y : y + h, x : x + w]
-    if hflip and rng.random() < 0.5:
-        img = img[:, :, ::-1]
-    return img
-
-
-def augment_chunk(imgs: np.ndarray, rng: np.random.Generator, pad: int, hflip: bool) -> np.ndarray:
-    """``augment`` for a whole chunk N×C×H×W at once (same distribution, one call per chunk)."""
-    n, c, h, w = imgs.shape
-    if pad > 0:
-        padded = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=imgs.dtype)
-        padded[:, :, pad : pad + h, pad : pad + w] = imgs
-        windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(2, 3))  # n, c, 2p+1, 2p+1, h, w
-        off = rng.integers(0, 2 * pad + 1, size=(n, 2))
-        imgs = windows[np.arange(n), :, off[:, 0], off[:, 1]]  # a copy, n×c×h×w
-    if hflip:
-        flip = rng.random(n) < 0.5
-        imgs = np.where(flip[:, None, None, None], imgs[:, :, :, ::-1], imgs)
-    return np.ascontiguousarray(imgs)
-
-
-def shuffled(it: Iterator, buffer: int, rng: np.random.Generator) -> Iterator:
-    if buffer <= 1:
-        yield from it
-        return
-    buf = []
-    for item in it:
-        if len(buf) < buffer:
-            buf.append(item)
-            continue
-        i = rng.integers(len(buf))
-        buf[i], item = item, buf[i]
-        yield item
-    rng.shuffle(buf)
-    yield from buf
-
-
 class RankShards(IterableDataset):
     """Chunks ``(images uint8 N×C×H×W, labels int64 N, keys)`` of one rank's share of one pass."""
 
@@ -274,6 +235,7 @@ class RankShards(IterableDataset):
         hflip: bool = False,
         repeat: bool = False,
         chunk: int = CHUNK,
+        cache_mb: float = DECODED_CACHE_MB,
     ):
         self.manifest = manifest
         self.rank, self.world = rank, world
@@ -284,7 +246,7 @@ class RankShards(IterableDataset):
         self.skip_bad = _policy["skip_bad_samples"]  # travels with the dataset into loader workers
         self.skipped = self.logged_skips = 0
         c, (h, w) = manifest.channels, manifest.image_size
-        self.cache = not self.skip_bad and manifest.num_samples * c * h * w <= DECODED_CACHE_MB * 2**20
+        self.cache = not self.skip_bad and manifest.num_samples * c * h * w <= cache_mb * 2**20
 
     def plan(self) -> list[ShardTask]:
         return plan_epoch(self.manifest, self.rank, self.world, self.epoch, self.seed, self.shuffle)
@@ -299,17 +261,20 @@ class RankShards(IterableDataset):
 
     def _read(self, tasks: list[ShardTask]) -> Iterator[dict]:
         for t in tasks:
-            if not self.skip_bad:
-                yield from read_shard(t)
-                continue
-            kept = 0
-            try:
-                for sample in read_shard(t):
-                    kept += 1
-                    yield sample
-            except DataError as e:  # the rest of this shard is lost; count what the manifest promised
-                extra = t.kept_between(e.expected, e.found) if isinstance(e, ShardLengthError) else 0  # samples beyond its count
-                self._skip(max(t.kept() - kept, 0) + extra, str(e))
+            yield from self._read_one(t)
+
+    def _read_one(self, t: ShardTask) -> Iterator[dict]:
+        if not self.skip_bad:
+            yield from read_shard(t)
+            return
+        kept = 0
+        try:
+            for sample in read_shard(t):
+                kept += 1
+                yield sample
+        except DataError as e:  # the rest of this shard is lost; count what the manifest promised
+            extra = t.kept_between(e.expected, e.found) if isinstance(e, ShardLengthError) else 0  # samples beyond its count
+            self._skip(max(t.kept() - kept, 0) + extra, str(e))
 
     def _read_decoded(self, tasks: list[ShardTask]) -> Iterator[tuple[np.ndarray, int, str]]:
         """Decoded samples of ``tasks`` from this process's cache; a shard's first read fills it.
@@ -343,11 +308,16 @@ class RankShards(IterableDataset):
             tasks = [tasks[i] for i in rng.permutation(len(tasks))]
         if self.cache:
             samples = self._read_decoded(tasks)
-            yield from shuffled(samples, self.shuffle_buffer, rng) if self.shuffle else samples
+            if not self.shuffle:
+                yield from samples
+                return
+            held = list(samples)  # all in memory already: one full permutation
+            yield from (held[i] for i in rng.permutation(len(held)))
             return
-        raw = self._read(tasks)
         if self.shuffle:
-            raw = shuffled(raw, self.shuffle_buffer, rng)
+            raw = shuffled(interleave([(self._read_one(t), t.kept()) for t in tasks], rng), self.shuffle_buffer, rng)
+        else:
+            raw = self._read(tasks)
         for s in raw:
             try:
                 yield decode_sample(s, self.manifest)
@@ -381,19 +351,6 @@ class RankShards(IterableDataset):
     def _take(self) -> int:
         n, self.skipped = self.skipped, 0
         return n
-
-
-def chunked(samples: Iterator, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    imgs, labels, keys = [], [], []
-    for img, label, key in samples:
-        imgs.append(img)
-        labels.append(label)
-        keys.append(key)
-        if len(imgs) == size:
-            yield torch.from_numpy(np.stack(imgs)), torch.tensor(labels, dtype=torch.int64), keys
-            imgs, labels, keys = [], [], []
-    if imgs:
-        yield torch.from_numpy(np.stack(imgs)), torch.tensor(labels, dtype=torch.int64), keys
 
 
 def rebatch(chunks, batch_size: int, n_batches: int | None, drop_last: bool, name: str = "?", skipping: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
@@ -459,10 +416,11 @@ def train_batches(
     augment_pad: int = 0,
     hflip: bool = False,
     loader_workers: int = 0,
+    cache_mb: float = DECODED_CACHE_MB,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """Exactly ``batches_per_epoch(...)`` batches of this rank's share of ``epoch``."""
     n = batches_per_epoch(manifest, world, batch_size, epoch, seed)
-    ds = RankShards(manifest, rank, world, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, augment_pad=augment_pad, hflip=hflip)
+    ds = RankShards(manifest, rank, world, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, augment_pad=augment_pad, hflip=hflip, cache_mb=cache_mb)
     return rebatch(_loader(ds, loader_workers), batch_size, n, drop_last=True, name=manifest.name, skipping=ds.skip_bad)
 
 
@@ -478,12 +436,13 @@ def outlier_batches(
     augment_pad: int = 0,
     hflip: bool = False,
     loader_workers: int = 0,
+    cache_mb: float = DECODED_CACHE_MB,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """An endless stream of outlier batches; each rank reads a different part of the set."""
     seed += 1  # outliers are ordered independently of the ID stream
     if min(samples_per_rank(manifest, world, epoch, seed)) == 0:
         raise DataError(f"{manifest.path or manifest.name}: too few outlier samples for {world} workers")
-    ds = RankShards(manifest, rank, world, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, augment_pad=augment_pad, hflip=hflip, repeat=True)
+    ds = RankShards(manifest, rank, world, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, augment_pad=augment_pad, hflip=hflip, repeat=True, cache_mb=cache_mb)
     return rebatch(_loader(ds, loader_workers), batch_size, None, drop_last=True, name=manifest.name, skipping=ds.skip_bad)
 
 

@@ -1,13 +1,20 @@
 """Write image sets as WebDataset ``.tar`` shards plus a ``manifest.json``.
 
-Every sample holds ``__key__``, the image bytes (``png`` or ``raw``: uint8 H×W×C bytes) and ``cls``
-(the class index, or -1 for outlier/OOD images). Bytes are deterministic for the same input: tar
-headers carry a fixed mtime and owner, PNGs are written without timestamps.
+Every sample holds ``__key__``, the image bytes (``png``; ``jpg``; or ``raw``: uint8 H×W×C bytes)
+and ``cls`` (the class index, or -1 for outlier/OOD images). Bytes are deterministic for the same
+input: tar headers carry a fixed mtime and owner, PNGs are written without timestamps.
+
+With ``jpg`` a JPEG source file that already has the set's size and mode is stored byte for byte
+(no second lossy step); any other image is encoded as JPEG at quality 95 (4:4:4), and the count of
+those is logged. The file writers (folder, arrays, torchvision) write their samples in a seeded
+shuffled order by default (``shuffle_seed``, recorded in the manifest), so that no shard holds one
+class only; ID manifests record each shard's class histogram.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import shutil
@@ -35,7 +42,11 @@ from .manifest import (
     sha256_file,
 )
 
-ENCODINGS = ("png", "raw")
+ENCODINGS = ("png", "raw", "jpg")
+JPEG_EXTENSIONS = (".jpg", ".jpeg")
+JPEG_QUALITY = 95
+DEFAULT_SHUFFLE_SEED = 0
+log = logging.getLogger("ood_ray.data")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -69,9 +80,45 @@ def encode_image(image: Image.Image, encoding: str) -> bytes:
         buf = io.BytesIO()
         image.save(buf, format="PNG", compress_level=6)
         return buf.getvalue()
+    if encoding == "jpg":
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+        return buf.getvalue()
     if encoding == "raw":
         return np.ascontiguousarray(np.asarray(image, dtype=np.uint8)).tobytes()
     raise DataError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+
+
+def auto_encoding(files: Sequence[Path], resize: bool) -> str:
+    """``jpg`` for JPEG files that need no resizing (their bytes are kept), else ``png``."""
+    if not resize and files and all(Path(f).suffix.lower() in JPEG_EXTENSIONS for f in files):
+        return "jpg"
+    return "png"
+
+
+def read_image_file(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read image ({e.strerror or e})") from None
+
+
+def encode_sample(image, encoding: str, mode: str, size: tuple[int, int], where: str, resize: bool) -> tuple[bytes, bool]:
+    """The stored bytes of one image, and whether they are the source file's own bytes.
+
+    ``image`` is a PIL image, a uint8 array, or the path of an image file."""
+    if isinstance(image, str | Path):
+        path = Path(image)
+        data = read_image_file(path)
+        try:
+            im = Image.open(io.BytesIO(data))
+            if encoding == "jpg" and im.format == "JPEG" and im.mode == mode and im.size == (size[1], size[0]):
+                return data, True
+            im.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"{path}: cannot read image ({e})") from None
+        image, where = im, str(path)
+    return encode_image(to_pil(image, mode, size, where, resize=resize), encoding), False
 
 
 class Upload:
@@ -133,6 +180,7 @@ def write_shards(
     resize: bool = False,
     progress: bool = True,
     upload: Upload | None = None,
+    shuffle_seed: int | None = None,
 ) -> Manifest:
     """Write ``(key, image, label)`` samples to ``out_dir/{name}-NNNNNN.tar`` and ``manifest.json``.
 
@@ -145,7 +193,9 @@ def write_shards(
     locally; the manifest (kept in ``out_dir`` and uploaded beside the shards) points to the
     remote copies.
 
-    Images are PIL images or uint8 arrays and must already have ``image_size`` (H, W) unless
+    Samples are written in the order they come; ``shuffle_seed`` only records in the manifest that
+    the caller shuffled them with that seed (the file writers below do). Images are PIL images,
+    uint8 arrays or image file paths and must already have ``image_size`` (H, W) unless
     ``resize`` is set. Labels must lie in ``[0, len(class_names))`` for ID roles and be -1 for
     outlier/OOD roles.
     """
@@ -169,7 +219,7 @@ def write_shards(
     remove_stale(out_dir, f".{name}.writing-")
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.writing-{os.getpid()}-", dir=out_dir))
     try:
-        manifest = _write_staged(samples, staging, name=name, role=role, image_size=image_size, mode=mode, class_names=class_names, group=group, description=description, encoding=encoding, maxcount=maxcount, maxsize=maxsize, total=total, resize=resize, progress=progress, upload=upload)
+        manifest = _write_staged(samples, staging, name=name, role=role, image_size=image_size, mode=mode, class_names=class_names, group=group, description=description, encoding=encoding, maxcount=maxcount, maxsize=maxsize, total=total, resize=resize, progress=progress, upload=upload, shuffle_seed=shuffle_seed)
         _swap_in(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -214,8 +264,11 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
         (out_dir / fname).unlink(missing_ok=True)
 
 
-def _write_staged(samples, out_dir: Path, *, name, role, image_size, mode, class_names, group, description, encoding, maxcount, maxsize, total, resize, progress, upload) -> Manifest:
+def _write_staged(samples, out_dir: Path, *, name, role, image_size, mode, class_names, group, description, encoding, maxcount, maxsize, total, resize, progress, upload, shuffle_seed) -> Manifest:
     is_ood = role in OOD_ROLES
+    hist = np.zeros(len(class_names), dtype=np.int64)  # classes of the shard being written
+    hists: list[list[int]] = []
+    reencoded = kept_bytes = 0
     size = (int(image_size[0]), int(image_size[1]))
     finished: list[str] = []
     counts: list[int] = []
@@ -230,6 +283,8 @@ def _write_staged(samples, out_dir: Path, *, name, role, image_size, mode, class
             return
         finished.append(fname)
         counts.append(sink.total - sum(counts))
+        hists.append(hist.tolist())
+        hist[:] = 0
         hashes.append(sha256_file(fname))
         if upload is None:
             urls.append(os.path.basename(fname))
@@ -258,8 +313,12 @@ def _write_staged(samples, out_dir: Path, *, name, role, image_size, mode, class
                         raise DataError(f"{where}: label {label} for role {role!r}; outlier/OOD samples carry -1")
                     if not is_ood and not 0 <= label < len(class_names):
                         raise DataError(f"{where}: label {label} outside [0, {len(class_names)}) for {name!r}")
-                    img = to_pil(image, mode, size, where, resize=resize)
-                    sink.write({"__key__": key, encoding: encode_image(img, encoding), "cls": str(label).encode()})
+                    data, kept = encode_sample(image, encoding, mode, size, where, resize)
+                    kept_bytes += kept
+                    reencoded += isinstance(image, str | Path) and not kept
+                    sink.write({"__key__": key, encoding: data, "cls": str(label).encode()})
+                    if not is_ood:
+                        hist[label] += 1
                     bar.update(1)
             except BaseException:  # the shard closed on the way out is partial
                 aborted.append(True)
@@ -271,7 +330,12 @@ def _write_staged(samples, out_dir: Path, *, name, role, image_size, mode, class
             if os.path.exists(f):
                 os.unlink(f)
         raise DataError(f"no samples to write for {name!r}")
-    shards = [ShardInfo(url=u, count=c, sha256=h) for u, c, h in zip(urls, counts, hashes, strict=True)]
+    if encoding == "jpg" and reencoded:
+        log.warning("%s: %d of %d image files were re-encoded as JPEG (quality %d): their size or mode differs from %s %dx%d; %d kept as they were", name, reencoded, len(seen), JPEG_QUALITY, mode, size[0], size[1], kept_bytes)
+    shards = [
+        ShardInfo(url=u, count=c, sha256=h, classes=None if is_ood else k)
+        for u, c, h, k in zip(urls, counts, hashes, hists, strict=True)
+    ]
     manifest = Manifest(
         name=name,
         role=role,
@@ -283,6 +347,7 @@ def _write_staged(samples, out_dir: Path, *, name, role, image_size, mode, class
         encoding=encoding,
         description=description,
         format_version=FORMAT_VERSION,
+        shuffle_seed=shuffle_seed,
     )
     manifest.save(out_dir / "manifest.json")
     return manifest
@@ -295,14 +360,25 @@ def array_samples(images: np.ndarray, labels: Sequence[int] | np.ndarray, prefix
         yield f"{prefix}{i:07d}", img, int(y)
 
 
-def write_array_shards(images: np.ndarray, labels, out_dir: str | Path, *, key_prefix: str = "", **kw) -> Manifest:
-    """Write a uint8 array N×H×W (grayscale) or N×H×W×C with one label per image."""
+def shuffled_order(n: int, seed: int | None) -> np.ndarray:
+    """The order samples are written in: ``0..n-1`` permuted with ``seed`` (None: as they are)."""
+    return np.arange(n) if seed is None else np.random.default_rng([int(seed), 29]).permutation(n)
+
+
+def write_array_shards(images: np.ndarray, labels, out_dir: str | Path, *, key_prefix: str = "", shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED, **kw) -> Manifest:
+    """Write a uint8 array N×H×W (grayscale) or N×H×W×C with one label per image.
+
+    Keys number the images in array order; they are written in ``shuffle_seed``'s order."""
     images = np.asarray(images)
     if images.ndim not in (3, 4):
         raise DataError(f"images array has shape {images.shape}; expected N×H×W or N×H×W×C")
+    if len(images) != len(labels):
+        raise DataError(f"{len(images)} images but {len(labels)} labels")
     kw.setdefault("image_size", images.shape[1:3])
     kw.setdefault("mode", "L" if images.ndim == 3 or images.shape[3] == 1 else "RGB")
-    return write_shards(array_samples(images, labels, key_prefix), out_dir, total=len(images), **kw)
+    samples = list(array_samples(images, labels, key_prefix))
+    order = shuffled_order(len(samples), shuffle_seed)
+    return write_shards((samples[i] for i in order), out_dir, total=len(images), shuffle_seed=shuffle_seed, **kw)
 
 
 def folder_samples(root: Path) -> tuple[list[str], list[tuple[str, Path, int]]]:
@@ -321,8 +397,12 @@ def folder_samples(root: Path) -> tuple[list[str], list[tuple[str, Path, int]]]:
     return classes, items
 
 
-def write_folder_shards(root: str | Path, out_dir: str | Path, *, role: str, image_size=None, **kw) -> Manifest:
-    """Write an image folder with one sub-folder per class (sorted names give class indices)."""
+def write_folder_shards(root: str | Path, out_dir: str | Path, *, role: str, image_size=None, encoding: str = "auto", shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED, **kw) -> Manifest:
+    """Write an image folder with one sub-folder per class (sorted names give class indices).
+
+    Keys number the files in folder order; they are written in ``shuffle_seed``'s order (None:
+    folder order, class by class). ``encoding="auto"`` keeps JPEG files as JPEG when no resize is
+    asked, else writes PNG."""
     root = Path(root)
     classes, items = folder_samples(root)
     if image_size is None:
@@ -331,16 +411,15 @@ def write_folder_shards(root: str | Path, out_dir: str | Path, *, role: str, ima
                 image_size = (im.size[1], im.size[0])
         except (OSError, Image.DecompressionBombError) as e:
             raise DataError(f"{items[0][1]}: cannot read image ({e})") from None
+    if encoding == "auto":
+        encoding = auto_encoding([f for _, f, _ in items], bool(kw.get("resize")))
+    kw.update(encoding=encoding, shuffle_seed=shuffle_seed)
+    order = shuffled_order(len(items), shuffle_seed)
 
     def gen():
-        for key, f, y in items:
-            try:
-                with Image.open(f) as im:
-                    im.load()
-                    img = im.copy()
-            except (OSError, Image.DecompressionBombError) as e:
-                raise DataError(f"{f}: cannot read image ({e})") from None
-            yield key, img, (OOD_LABEL if role in OOD_ROLES else y)
+        for i in order:
+            key, f, y = items[i]
+            yield key, f, (OOD_LABEL if role in OOD_ROLES else y)
 
     if role in OOD_ROLES:
         kw.setdefault("description", f"images from {root}")
@@ -348,7 +427,7 @@ def write_folder_shards(root: str | Path, out_dir: str | Path, *, role: str, ima
     return write_shards(gen(), out_dir, role=role, image_size=image_size, class_names=classes, total=len(items), **kw)
 
 
-def write_torchvision_shards(dataset: str, root: str | Path, out_dir: str | Path, *, role: str, split: str | None = None, **kw) -> Manifest:
+def write_torchvision_shards(dataset: str, root: str | Path, out_dir: str | Path, *, role: str, split: str | None = None, shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED, **kw) -> Manifest:
     """Write a torchvision dataset that is already on disk (e.g. CIFAR10, SVHN); never downloads."""
     import torchvision.datasets as tvd
 
@@ -371,10 +450,11 @@ def write_torchvision_shards(dataset: str, root: str | Path, out_dir: str | Path
     kw.setdefault("mode", "L" if first.mode == "L" else "RGB")
 
     def gen():
-        for i in range(len(ds)):
-            img, y = ds[i]
+        for i in shuffled_order(len(ds), shuffle_seed):
+            img, y = ds[int(i)]
             yield f"{i:08d}", img, (OOD_LABEL if role in OOD_ROLES else int(y))
 
+    kw["shuffle_seed"] = shuffle_seed
     if role in OOD_ROLES:
         return write_shards(gen(), out_dir, role=role, total=len(ds), **kw)
     return write_shards(gen(), out_dir, role=role, class_names=class_names, total=len(ds), **kw)

@@ -17,7 +17,8 @@ def benchmark_path(cfg: TrainConfig) -> str:
 
 
 def load_benchmark(cfg: TrainConfig, verify: bool = False) -> Benchmark:
-    """The benchmark of ``cfg``; ``verify`` checks every local shard's sha256.
+    """The benchmark of ``cfg``; ``verify`` checks every local shard's sha256 and warns when the
+    train shards are class-sorted (``data.mixing``).
 
     With ``skip_bad_samples`` a damaged shard is reported and training goes on (its bad samples
     are skipped and counted when read); without it the first mismatch is an error.
@@ -29,6 +30,12 @@ def load_benchmark(cfg: TrainConfig, verify: bool = False) -> Benchmark:
                 m.verify()
             except DataError as e:
                 say(f"warning: {e}; skip_bad_samples is on, so its unreadable samples will be skipped and counted")
+    if verify:
+        from ..data.mixing import class_sorted_shards, sorted_warning
+
+        found = class_sorted_shards(bench.train)
+        if found:
+            say(f"warning: {sorted_warning(bench.train, found)}")
     method = get_method(cfg.method, cfg.method_params)
     if method.needs_outliers and bench.outlier is None:
         raise ConfigError(f"method {cfg.method!r} needs an outlier set, but {bench.path} has no 'outlier' entry")

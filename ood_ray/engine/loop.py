@@ -134,10 +134,10 @@ def train_loop(cfg: TrainConfig, worker: Worker, bench: Benchmark | None = None)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     outliers = None
     if method.needs_outliers:
-        outliers = outlier_batches(bench.outlier, rank, world, method.outlier_batch(bs), seed=cfg.seed, epoch=start, augment_pad=cfg.augment_pad, hflip=cfg.hflip, loader_workers=cfg.loader_workers)
+        outliers = outlier_batches(bench.outlier, rank, world, method.outlier_batch(bs), seed=cfg.seed, epoch=start, shuffle_buffer=cfg.shuffle_buffer, augment_pad=cfg.augment_pad, hflip=cfg.hflip, loader_workers=cfg.loader_workers, cache_mb=cfg.decoded_cache_mb)
 
     def epoch_stream(e: int):
-        return train_batches(bench.train, rank, world, bs, e, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, augment_pad=cfg.augment_pad, hflip=cfg.hflip, loader_workers=cfg.loader_workers)
+        return train_batches(bench.train, rank, world, bs, e, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, augment_pad=cfg.augment_pad, hflip=cfg.hflip, loader_workers=cfg.loader_workers, cache_mb=cfg.decoded_cache_mb)
 
     upcoming = None  # with loader workers: the next epoch's stream, started during this epoch
     for epoch in range(start, cfg.epochs):

@@ -10,7 +10,6 @@ be traced to the code, a package or the data.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import platform
 import subprocess
@@ -59,8 +58,7 @@ def package_versions() -> dict[str, str]:
 def benchmark_digest(bench: Benchmark) -> str:
     """sha256 of every manifest's content (not its location): equal for a copied or moved
     benchmark, different when any shard, count, class or set changes."""
-    spec = [m.to_dict() for m in bench.all_manifests()]
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    return bench.digest()
 
 
 def dataset_input(bench: Benchmark, context: str) -> DatasetInput:
