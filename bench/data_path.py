@@ -12,8 +12,10 @@ each source starting from the same weights:
 * ``lw<N>``: ``ood_ray.data.streams.train_batches`` with ``loader_workers`` N (as ``train_loop``
   calls it: with N > 0 the next epoch's stream starts after the current epoch's first batch).
 
-Cases: ``digits`` (the embedded train split, 8×8 gray PNG, batch 32, crop pad 1) and
-``cifar-png`` / ``cifar-raw`` (``--n`` synthetic 32×32 RGB images, batch 128, crop pad 4 + flip).
+Cases: ``digits`` (the embedded train split, 8×8 gray PNG, batch 32, crop pad 1),
+``cifar-png`` / ``cifar-raw`` (``--n`` synthetic 32×32 RGB images, batch 128, crop pad 4 + flip) and
+``cifar10-real`` (the train split of a built cifar10-real benchmark, ``--real-data``: 50,000 real
+JPEGs stored as they are, batch 128, crop pad 4 + flip).
 A fixed number of steps after a warm-up, crossing epoch boundaries; sources interleaved over
 ``--repeats`` rounds, medians reported. ``cpu_ratio`` (in-memory CPU per image / shards CPU per
 image, loader workers included) is much less sensitive to other load than the wall ratio.
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 TARGET = 0.9
-CASES = ("digits", "cifar-png", "cifar-raw")
+CASES = ("digits", "cifar-png", "cifar-raw", "cifar10-real")
 
 
 def memory_source(X, Y, bs: int, pad: int, hflip: bool, seed: int):
@@ -116,7 +118,12 @@ def run_case(name: str, args) -> dict:
     digits = name == "digits"
     bs, steps, warmup, repeats = (args.digits_batch, args.digits_steps, args.digits_warmup, args.repeats) if digits else (args.cifar_batch, args.cifar_steps, args.cifar_warmup, args.cifar_repeats)
     pad, hflip = (0, False) if args.augment == "none" else ((1, False) if digits else (4, True))
-    data = None if digits else str(C.synthetic_benchmark(args.data_dir, args.n, name.split("-")[1], args.seed, args.maxcount))
+    if name == "cifar10-real":
+        if not args.real_data:
+            raise SystemExit("case cifar10-real needs --real-data BENCH (ood-ray data build --spec benchmarks/cifar10-real.yaml ...)")
+        data = args.real_data
+    else:
+        data = None if digits else str(C.synthetic_benchmark(args.data_dir, args.n, name.split("-")[1], args.seed, args.maxcount))
     cfg = TrainConfig(data=data, backbone=args.backbone, batch_size=bs, num_workers=1, augment_pad=pad, hflip=hflip, seed=args.seed, cpus_per_worker=args.threads)
     bench = load_benchmark(cfg) if digits else Benchmark.load(data)
     m = bench.train
@@ -160,7 +167,7 @@ def run_case(name: str, args) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    p.add_argument("--cases", default=",".join(CASES[:3]), help=f"comma list of {', '.join(CASES)} (default: the first three)")
     p.add_argument("--backbone", default="small_cnn")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training process (default 1 = cpus_per_worker)")
     p.add_argument("--loader-workers", default="0,1", help="comma list of loader_workers values (default 0,1)")
@@ -176,10 +183,13 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=int, default=50000, help="synthetic CIFAR-sized train images (default 50000)")
     p.add_argument("--maxcount", type=int, default=10000, help="samples per shard of the synthetic set")
     p.add_argument("--data-dir", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "ood_ray_bench_data"), help="where synthetic sets are written and reused")
+    p.add_argument("--real-data", help="benchmark.json of a built cifar10-real (for the cifar10-real case)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.loader_workers = [int(v) for v in args.loader_workers.split(",") if v]
     cases = [c for c in args.cases.split(",") if c]
+    if "cifar10-real" in cases and not args.real_data:
+        p.error("case cifar10-real needs --real-data BENCH")
     if set(cases) - set(CASES):
         p.error(f"unknown case(s) {sorted(set(cases) - set(CASES))}")
     torch.set_num_threads(args.threads)

@@ -56,6 +56,7 @@ LOG_SKIPS = 20  # skipped samples logged one by one per stream; later ones are o
 DECODED_CACHE_MB = 64  # per process: sets whose decoded images fit are decoded once, then served from memory
 
 log = logging.getLogger("ood_ray.data")
+_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}  # what PIL must find in a field of that name
 _policy = {"skip_bad_samples": False}
 _skipped: dict[str, int] = {}
 _decoded: dict[tuple, list[tuple[np.ndarray, int, str]]] = {}  # (url, size, mtime, encoding, shape, mode) -> samples
@@ -203,6 +204,8 @@ def decode_sample(sample: dict, manifest: Manifest) -> tuple[np.ndarray, int, st
     else:
         try:
             with Image.open(io.BytesIO(data)) as im:
+                if im.format != _FORMATS.get(enc, im.format):
+                    raise DataError(f"{where}: '{enc}' field holds {im.format or 'unknown'} data")
                 if im.mode != manifest.mode:  # checked from the header, before decoding the pixels
                     raise DataError(f"{where}: image mode {im.mode}, manifest says {manifest.mode}")
                 if im.size != (w, h):
