@@ -133,7 +133,7 @@ def test_cached_sets_are_fully_permuted(tmp_path):
     assert all(len(set(y)) >= 3 for y in ys)
 
 
-def test_a_class_sorted_folder_that_streams_trains_far_above_chance(tmp_path):
+def test_a_class_sorted_folder_that_streams_trains_far_above_chance(tmp_path, capsys):
     """The failure seen on real CIFAR-10 (accuracy 0.100): shards written class by class, read
     through a small shuffle buffer with the decoded cache off. Interleaved reading trains a model
     that tells the four patterns apart; reading the shards in turn ends each epoch on one class."""
@@ -159,5 +159,11 @@ def test_a_class_sorted_folder_that_streams_trains_far_above_chance(tmp_path):
     }))  # fmt: skip
     assert len(class_sorted_shards(Manifest.load(data / "train"))) == 4
     cfg = TrainConfig(data=str(data), epochs=2, batch_size=16, lr=0.05, num_workers=1, shuffle_buffer=16, decoded_cache_mb=0, augment_pad=0, evaluate_test=False)
+    from ood_ray.engine.build import load_benchmark
+
+    capsys.readouterr()
+    load_benchmark(cfg.validate(), verify=True)  # what the train and tune drivers call before Ray starts
+    said = capsys.readouterr()
+    assert "4 of 4 train shards are class-sorted" in said.out + said.err
     reports = train_local(cfg, tmp_path / "run")
     assert reports[-1]["val_acc"] >= 0.9, [r["val_acc"] for r in reports]  # chance is 0.25
