@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 
 from ood_ray.cli import main
-from ood_ray.data.build import build_benchmark, resize_to, to_mode
+from ood_ray.data.build import build_benchmark, resize_to
 from ood_ray.data.manifest import Benchmark, DataError
 from ood_ray.data.mixing import class_sorted_shards
 from ood_ray.data.spec import load_spec
 from ood_ray.data.streams import eval_batches
-from ood_ray.data.writer import write_folder_shards
+from ood_ray.data.writer import to_mode, write_folder_shards
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "frog"]
@@ -126,10 +126,15 @@ def test_a_jpg_field_holding_png_bytes_is_refused_naming_the_sample(tmp_path):
         list(eval_batches(m, 0, 1, 1))
 
 
-def test_sixteen_bit_scans_are_scaled_not_clipped():
+def test_sixteen_bit_scans_are_scaled_not_clipped(tmp_path):
     a = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
     out = np.asarray(to_mode(Image.fromarray(a), "RGB"))
     assert out.shape == (8, 8, 3) and out.max() == 63000 * 255 // 65535 and (out[..., 0] < 255).mean() > 0.9
+    (tmp_path / "scans" / "x").mkdir(parents=True)
+    Image.fromarray(a).save(tmp_path / "scans" / "x" / "a.png")
+    m = write_folder_shards(tmp_path / "scans", tmp_path / "out", name="s", role="ood-test", mode="L", progress=False)
+    x = next(iter(eval_batches(m, 0, 1, 1)))[0][0, 0].numpy()
+    assert np.array_equal(x, out[..., 0])  # data shard scales 16-bit images too (PIL alone clips at 255)
 
 
 def test_fit_resizes_the_shorter_side_and_crops_the_centre():

@@ -23,12 +23,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from .manifest import ID_ROLES, OOD_LABEL, DataError, Manifest
 from .spec import Archives, SetPlan, Spec, load_spec, plan_sets
-from .writer import JPEG_EXTENSIONS, shuffled_order, write_shards
+from .writer import JPEG_EXTENSIONS, shuffled_order, to_mode, write_shards
 
 SPEC_FILE = "benchmark.json"
 MAX_ASPECT = 50  # an image longer than this many times its width (or the reverse) is refused, not resized
@@ -38,20 +37,6 @@ MAX_ASPECT = 50  # an image longer than this many times its width (or the revers
 class BuiltBenchmark:
     path: Path  # benchmark.json
     sets: list[tuple[SetPlan, Manifest, str]] = field(default_factory=list)  # plan, manifest, encoding
-
-
-def to_mode(im: Image.Image, mode: str) -> Image.Image:
-    """``im`` in ``mode`` (L or RGB); 16- and 32-bit integer images are scaled to 8 bits first
-    (PIL's own conversion clips them at 255)."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(im).astype(np.int64)
-        top = 65535 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255
-        im = Image.fromarray((np.clip(a, 0, top) * 255 // max(top, 1)).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "P") and mode == "RGB":
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (0, 0, 0, 255))  # transparent pixels become black
-        im = Image.alpha_composite(bg, im)
-    return im if im.mode == mode else im.convert(mode)
 
 
 def resize_to(im: Image.Image, size: tuple[int, int], rule: str, where: str) -> Image.Image:

@@ -50,6 +50,20 @@ log = logging.getLogger("ood_ray.data")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
+def to_mode(im: Image.Image, mode: str) -> Image.Image:
+    """``im`` in ``mode`` (L or RGB); 16- and 32-bit integer images are scaled to 8 bits first
+    (PIL's own conversion clips them at 255)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im).astype(np.int64)
+        top = 65535 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255
+        im = Image.fromarray((np.clip(a, 0, top) * 255 // max(top, 1)).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "P") and mode == "RGB":
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (0, 0, 0, 255))  # transparent pixels become black
+        im = Image.alpha_composite(bg, im)
+    return im if im.mode == mode else im.convert(mode)
+
+
 def to_pil(image, mode: str, size: tuple[int, int], where: str, resize: bool = False) -> Image.Image:
     """Turn a PIL image or a uint8 array (H×W or H×W×C) into a PIL image of the given mode/size."""
     if isinstance(image, np.ndarray):
@@ -63,7 +77,7 @@ def to_pil(image, mode: str, size: tuple[int, int], where: str, resize: bool = F
     if not isinstance(image, Image.Image):
         raise DataError(f"{where}: expected a PIL image or uint8 array, got {type(image).__name__}")
     if image.mode != mode:
-        image = image.convert(mode)
+        image = to_mode(image, mode)
     h, w = size
     if image.size != (w, h):
         if not resize:
