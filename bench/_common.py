@@ -117,7 +117,7 @@ def load_in_memory(manifest) -> tuple[torch.Tensor, torch.Tensor]:
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int, hflip: bool) -> torch.Tensor:
     """Random crop after zero padding + horizontal flip of a uint8 N×C×H×W batch, vectorized on its
-    device (the distribution of ``ood_ray.data.streams.augment``)."""
+    device (the distribution of ``ood_ray.data.sampling.augment``)."""
     n, c, h, w = x.shape
     dev = x.device
     if pad:

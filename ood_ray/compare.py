@@ -39,6 +39,7 @@ COLUMNS = (
     ("near AUROC", names.mean_key("test", "auroc", "near"), True),
     ("far AUROC", names.mean_key("test", "auroc", "far"), True),
     ("all AUROC", names.mean_key("test", "auroc"), True),
+    ("near FPR95", names.mean_key("test", "fpr95", "near"), False),
     ("far FPR95", names.mean_key("test", "fpr95", "far"), False),
     ("all FPR95", names.mean_key("test", "fpr95"), False),
 )

@@ -48,7 +48,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .manifest import OOD_LABEL, DataError, Manifest, is_remote
-from .sampling import augment, augment_chunk, chunked, interleave, shuffled  # noqa: F401 (augment: part of this module's API)
+from .sampling import augment_chunk, chunked, interleave, shuffled
 from .tar import local_tar_samples
 
 CHUNK = 32  # samples per message from a DataLoader worker to the training process
