@@ -7,7 +7,7 @@ one class at a time, and the last shards of an epoch decide what it predicts. Th
 such sets so that ``ood-ray data verify`` and ``ood-ray train`` can say so, naming the shards.
 
 A shard counts as *class-sorted* when its class histogram is far from the set's: total variation
-distance above :data:`SORTED_TV` (a shard holding 2 of 10 balanced classes is at 0.8; a randomly
+distance above :data:`SORTED_TV` (a shard holding 2 of 10 balanced classes is at 0.8, half the classes at 0.5; a randomly
 filled shard of n samples is at about ``sqrt(K / n)``). Shards with fewer than
 :data:`MIN_JUDGED` samples per class are too small to judge and are left out.
 """
@@ -21,8 +21,8 @@ import numpy as np
 from .manifest import DataError, Manifest, is_remote
 from .tar import local_tar_samples
 
-SORTED_TV = 0.5
-MIN_JUDGED = 5  # samples per class a shard needs before its histogram is judged
+SORTED_TV = 0.35
+MIN_JUDGED = 10  # samples per class a shard needs before its histogram is judged
 
 
 @dataclass(frozen=True)

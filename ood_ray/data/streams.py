@@ -12,11 +12,12 @@ How an epoch is split across ``world`` ranks (the rule the README documents):
    a rank that ran out; the few samples beyond that (the difference between ranks plus a partial
    batch) are skipped this epoch and, because step 1 reshuffles, are different ones next epoch.
 
-Within a rank, the shards are read interleaved, up to ``sampling.INTERLEAVE`` at once: the next sample
-comes from shard ``i`` with probability proportional to the samples it has left (a uniformly random
-merge that keeps each shard's own order), so every stretch of the stream mixes the classes of all
-the open shards even when each shard holds one class. The interleaved samples then pass a seeded
-shuffle buffer (``sampling``), are decoded and checked against the manifest
+Within a rank, training reads local shards in place, in one seeded permutation of every sample
+the reader keeps (memory-mapped, through an index of each shard's members), so the order does not
+depend on how the shards were written, even shards written class by class. Remote shards are
+streamed: up to ``sampling.INTERLEAVE`` at once, interleaved (the next sample comes from shard
+``i`` with probability proportional to the samples it has left), then through a seeded shuffle
+buffer. Samples are then decoded and checked against the manifest
 (image present, size and mode, label in range), augmented, and grouped into uint8 batches. With
 ``loader_workers > 0`` decoding runs in DataLoader worker processes, which split the rank's shards.
 
@@ -49,7 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .manifest import OOD_LABEL, DataError, Manifest, is_remote
 from .sampling import augment_chunk, chunked, interleave, shuffled
-from .tar import local_tar_samples
+from .tar import local_tar_index, local_tar_samples
 
 CHUNK = 32  # samples per message from a DataLoader worker to the training process
 LOG_SKIPS = 20  # skipped samples logged one by one per stream; later ones are only counted
@@ -279,6 +280,41 @@ class RankShards(IterableDataset):
             extra = t.kept_between(e.expected, e.found) if isinstance(e, ShardLengthError) else 0  # samples beyond its count
             self._skip(max(t.kept() - kept, 0) + extra, str(e))
 
+    def _read_permuted(self, tasks: list[ShardTask], rng: np.random.Generator) -> Iterator[dict]:
+        """Every sample this reader keeps of local ``tasks``, in one seeded permutation, read in
+        place from the memory-mapped shards (an index of about 200 bytes per sample is all it
+        holds): the order does not depend on how the shards were written."""
+        bufs, index, refs = [], [], []
+        try:
+            for ti, t in enumerate(tasks):
+                try:
+                    buf, entries, error = local_tar_index(t.url)
+                except OSError as e:
+                    buf, entries, error = b"", [], e
+                bufs.append(buf)
+                n = len(entries)
+                if error is not None or n != t.count:
+                    why = (f"shard {t.url}: cannot read ({type(error).__name__}: {error})" if error is not None
+                           else f"shard {t.url}: holds {n} samples, the manifest says {t.count} (truncated or replaced shard?)")  # fmt: skip
+                    if not self.skip_bad:
+                        raise DataError(why) if error is not None else ShardLengthError(why, n, t.count)
+                    lost = t.kept() - t.kept_between(0, min(n, t.count)) + (t.kept_between(t.count, n) if n > t.count else 0)
+                    self._skip(lost, why)
+                js = np.arange(min(n, t.count))
+                if t.offset is not None:
+                    js = js[(t.offset + js) % t.world == t.rank]
+                index.append(entries)
+                refs.append(np.stack([np.full(len(js), ti), js], axis=1))
+            order = np.concatenate(refs) if refs else np.empty((0, 2), dtype=np.int64)
+            for ti, j in order[rng.permutation(len(order))]:
+                key, spans = index[ti][j]
+                buf = bufs[ti]
+                yield {"__key__": key, "__url__": tasks[ti].url, **{k: bytes(buf[a : a + size]) for k, (a, size) in spans.items()}}
+        finally:
+            for buf in bufs:
+                if not isinstance(buf, bytes):
+                    buf.close()
+
     def _read_decoded(self, tasks: list[ShardTask]) -> Iterator[tuple[np.ndarray, int, str]]:
         """Decoded samples of ``tasks`` from this process's cache; a shard's first read fills it.
 
@@ -317,7 +353,9 @@ class RankShards(IterableDataset):
             held = list(samples)  # all in memory already: one full permutation
             yield from (held[i] for i in rng.permutation(len(held)))
             return
-        if self.shuffle:
+        if self.shuffle and tasks and not any(is_remote(t.url) for t in tasks):
+            raw = self._read_permuted(tasks, rng)
+        elif self.shuffle:
             raw = shuffled(interleave([(self._read_one(t), t.kept()) for t in tasks], rng), self.shuffle_buffer, rng)
         else:
             raw = self._read(tasks)

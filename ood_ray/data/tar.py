@@ -35,7 +35,13 @@ def _pax(data: bytes) -> dict[str, str]:
 
 
 def tar_members(buf) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files of an uncompressed ustar/pax/GNU tar held in ``buf``.
+    """(name, data) of the regular files of an uncompressed ustar/pax/GNU tar held in ``buf``."""
+    for name, start, size in tar_spans(buf):
+        yield name, bytes(buf[start : start + size])
+
+
+def tar_spans(buf) -> Iterator[tuple[str, int, int]]:
+    """(name, start, size) of the regular files of an uncompressed ustar/pax/GNU tar held in ``buf``.
 
     Walks the 512-byte headers directly (about 10x faster than ``tarfile``'s stream mode for small
     members); honours pax ``path``/``size`` records and GNU long names; checks every header's
@@ -83,13 +89,12 @@ def tar_members(buf) -> Iterator[tuple[str, bytes]]:
             name = f"{prefix}/{name}" if prefix else name
         pax, longname = {}, None
         if typ in (b"0", b"\0", b"7"):
-            yield name, bytes(buf[start : start + size])
+            yield name, start, size
 
 
 def local_tar_samples(path: str) -> Iterator[dict]:
     """Samples of a local tar file, grouped by key as webdataset's ``group_by_keys`` does."""
-    with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+    buf = _open_mmap(path)
     try:
         current: dict | None = None
         for fname, data in tar_members(buf):
@@ -109,3 +114,32 @@ def local_tar_samples(path: str) -> Iterator[dict]:
     finally:
         if isinstance(buf, mmap.mmap):
             buf.close()
+
+
+def _open_mmap(path: str):
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+
+
+def local_tar_index(path: str) -> tuple[object, list[tuple[str, dict[str, tuple[int, int]]]], ValueError | None]:
+    """``(buffer, samples, error)`` of a local tar file, for reading its samples in any order.
+
+    ``samples`` holds ``(key, {suffix: (start, size)})`` in file order, grouped by key as
+    ``local_tar_samples`` groups them; ``buffer`` is the memory-mapped file (the caller closes it).
+    A corrupt or truncated file gives the samples before the damage and the error."""
+    buf = _open_mmap(path)
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    try:
+        for fname, start, size in tar_spans(buf):
+            m = _TAR_KEY.match(fname)
+            if not m or _TAR_META.match(fname):
+                continue
+            key, suffix = m.group(1), m.group(2).lower()
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            if suffix in samples[-1][1]:
+                raise ValueError(f"{fname}: duplicate file name in the tar file")
+            samples[-1][1][suffix] = (start, size)
+    except ValueError as e:
+        return buf, samples[:-1] if samples else samples, e  # the last sample may be incomplete
+    return buf, samples, None
