@@ -3,8 +3,9 @@
 A shard set written class by class (an image folder walked in order, a tool that groups by label)
 holds one or two classes per shard. Streamed through a bounded shuffle buffer it trains a model on
 one class at a time, and the last shards of an epoch decide what it predicts. The readers in
-``streams`` interleave the shards of a rank, so training still sees every class; this module finds
-such sets so that ``ood-ray data verify`` and ``ood-ray train`` can say so, naming the shards.
+``streams`` read local shards in one permutation of all a rank's samples, so training still mixes
+every class; remote shards are only interleaved and buffered. This module finds such sets so that
+``ood-ray data verify`` and ``ood-ray train`` can say so, naming the shards.
 
 A shard counts as *class-sorted* when its class histogram is far from the set's: total variation
 distance above :data:`SORTED_TV` (a shard holding 2 of 10 balanced classes is at 0.8, half the classes at 0.5; a randomly
@@ -92,7 +93,8 @@ def sorted_warning(manifest: Manifest, found: list[SortedShard], shown: int = 3)
     more = f" and {len(found) - shown} more" if len(found) > shown else ""
     return (
         f"{manifest.path or manifest.name}: {len(found)} of {len(manifest.shards)} train shards are class-sorted: "
-        f"{names}{more}. Training interleaves the shards each reader holds, so every batch still mixes "
-        "classes, but mixing is best when the shards are written shuffled: rewrite them with "
-        "'ood-ray data shard' or 'ood-ray data build' (both shuffle by default)."
+        f"{names}{more}. Local shards are read in one permutation of all their samples, so batches "
+        "still mix the classes; remote (pipe:, http) shards are only interleaved and buffered, which "
+        "cannot mix classes that follow one another inside a shard: rewrite them with 'ood-ray data "
+        "shard' or 'ood-ray data build' (both shuffle by default)."
     )
