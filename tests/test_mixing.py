@@ -171,3 +171,23 @@ def test_a_class_sorted_folder_that_streams_trains_far_above_chance(tmp_path, ca
     assert "2 of 2 train shards are class-sorted" in said.out + said.err
     reports = train_local(cfg, tmp_path / "run")
     assert reports[-1]["val_acc"] >= 0.9, [r["val_acc"] for r in reports]  # chance is 0.25
+
+
+def test_remote_shards_are_interleaved_and_each_sample_read_once(tmp_path, monkeypatch):
+    """pipe: shards go through the streamed path (interleave + buffer), local ones the permuted
+    one; both read every kept sample exactly once per epoch."""
+    import shlex
+
+    src = class_folder(tmp_path / "img", 40)
+    m = write_folder_shards(src, tmp_path / "out", name="train", role="train", mode="L", maxcount=40, shuffle_seed=None, progress=False)
+    d = json.loads(Path(m.path).read_text())
+    for s, url in zip(d["shards"], m.urls(), strict=True):
+        s["url"] = "pipe:cat " + shlex.quote(url)
+    Path(m.path).write_text(json.dumps(d))
+    monkeypatch.setenv("OOD_RAY_ALLOW_PIPE", "cat {url}")
+    remote = Manifest.load(m.path)
+    for manifest in (remote, write_folder_shards(src, tmp_path / "local", name="train", role="train", mode="L", maxcount=40, shuffle_seed=None, progress=False)):
+        keys = [k for _, _, ks in train_batches(manifest, 0, 1, 16, epoch=1, shuffle_buffer=8, cache_mb=0) for k in ks]
+        assert len(keys) == 160 and len(set(keys)) == 160
+    first = [int(y) for y in next(iter(train_batches(remote, 0, 1, 16, epoch=1, shuffle_buffer=8, cache_mb=0)))[1]]
+    assert len(set(first)) >= 3  # four one-class shards, interleaved
