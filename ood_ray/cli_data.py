@@ -154,7 +154,7 @@ def add_data_commands(sub) -> None:
     s.add_argument("--class-names", nargs="+", help="class names for --npz (default: 0..max label)")
     s.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), help="resize images to H W")
     s.add_argument("--mode", choices=("L", "RGB"))
-    s.add_argument("--encoding", choices=("auto", "png", "jpg", "raw"), default="auto", help="auto (default): JPEG files are kept as they are (jpg) unless --image-size resizes them, anything else is PNG")
+    s.add_argument("--encoding", choices=("auto", "png", "jpg", "raw"), default="auto", help="auto (default): JPEG files are kept as they are (jpg) unless --image-size is given, anything else is PNG")
     s.add_argument("--shuffle-seed", type=int, default=0, help="samples are written in this seeded shuffled order, so shards mix the classes (recorded in the manifest)")
     s.add_argument("--no-shuffle", action="store_true", help="write samples in source order (an image folder: class by class)")
     s.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
