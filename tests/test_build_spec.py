@@ -12,12 +12,13 @@ import pytest
 from PIL import Image
 
 from ood_ray.cli import main
-from ood_ray.data.build import build_benchmark, resize_to
+from ood_ray.data.build import build_benchmark
+from ood_ray.data.images import resize_to, to_mode
 from ood_ray.data.manifest import Benchmark, DataError
 from ood_ray.data.mixing import class_sorted_shards
 from ood_ray.data.spec import load_spec
 from ood_ray.data.streams import eval_batches
-from ood_ray.data.writer import to_mode, write_folder_shards
+from ood_ray.data.writer import write_folder_shards
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "frog"]

@@ -25,12 +25,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from .images import JPEG_EXTENSIONS, resize_to, stored_as_is, to_mode
 from .manifest import ID_ROLES, OOD_LABEL, DataError, Manifest
 from .spec import Archives, SetPlan, Spec, load_spec, plan_sets
-from .writer import JPEG_EXTENSIONS, shuffled_order, to_mode, write_shards
+from .writer import shuffled_order, write_shards
 
 SPEC_FILE = "benchmark.json"
-MAX_ASPECT = 50  # an image longer than this many times its width (or the reverse) is refused, not resized
 
 
 @dataclass
@@ -39,32 +39,12 @@ class BuiltBenchmark:
     sets: list[tuple[SetPlan, Manifest, str]] = field(default_factory=list)  # plan, manifest, encoding
 
 
-def resize_to(im: Image.Image, size: tuple[int, int], rule: str, where: str) -> Image.Image:
-    """``im`` at ``size`` (H, W) by ``rule``: ``fit`` (shorter side scaled, centre crop, as
-    OpenOOD's test preprocessing), ``stretch``, or ``none`` (the size must already match)."""
-    h, w = size
-    if im.size == (w, h):
-        return im
-    if rule == "none":
-        raise DataError(f"{where}: image is {im.size[1]}x{im.size[0]} (HxW), the spec says {h}x{w} and resize: none")
-    iw, ih = im.size
-    if max(iw, ih) > MAX_ASPECT * min(iw, ih):
-        raise DataError(f"{where}: image is {ih}x{iw}, an aspect ratio above {MAX_ASPECT}:1; refusing to resize it")
-    if rule == "stretch":
-        return im.resize((w, h), Image.BILINEAR)
-    scale = max(w / iw, h / ih)
-    nw, nh = max(w, round(iw * scale)), max(h, round(ih * scale))
-    im = im.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - w) // 2, (nh - h) // 2
-    return im.crop((left, top, left + w, top + h))
-
-
 def prepared(path: Path, spec: Spec, keep_jpeg: bool):
     """The path itself when the file can be stored as it is (a JPEG of the right size and mode,
     with ``keep_jpeg``), else the decoded image converted and resized."""
     try:
         with Image.open(path) as im:
-            if keep_jpeg and im.format == "JPEG" and im.mode == spec.mode and im.size == spec.image_size[::-1]:
+            if keep_jpeg and stored_as_is(im, spec.mode, spec.image_size):
                 return path
             im.load()
             im = to_mode(im, spec.mode)
@@ -82,7 +62,7 @@ def set_encoding(spec: Spec, plan: SetPlan) -> str:
         return "png"
     try:
         with Image.open(plan.items[0].path) as im:
-            same = im.mode == spec.mode and im.size == spec.image_size[::-1]
+            same = stored_as_is(im, spec.mode, spec.image_size)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{plan.items[0].path}: cannot read image ({e})") from None
     return "jpg" if same else "png"
@@ -129,7 +109,7 @@ def _write(spec: Spec, plans: list[SetPlan], classes: list[str], out: Path, prog
             _samples(spec, p, encoding), out / p.subdir, name=p.subdir, role=p.role, image_size=(h, w), mode=spec.mode,
             class_names=classes if is_id else (), group=p.group, encoding=encoding, maxcount=spec.maxcount,
             total=len(p.items), progress=progress, shuffle_seed=spec.shuffle_seed,
-            description=f"{spec.name}, {p.role}{group}: {p.origin}; {spec.mode} {h}x{w} (resize: {spec.resize}).",
+            description=f"{spec.description + ' ' if spec.description else ''}{spec.name}, {p.role}{group}: {p.origin}; {spec.mode} {h}x{w} (resize: {spec.resize}).",
         )  # fmt: skip
         rel = f"{p.subdir}/manifest.json"
         if p.role == "ood-val":

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .manifest import DataError, Manifest, is_remote
-from .tar import local_tar_samples
+from .tar import local_tar_index
 
 SORTED_TV = 0.35
 MIN_JUDGED = 10  # samples per class a shard needs before its histogram is judged
@@ -49,17 +49,21 @@ def shard_histograms(manifest: Manifest) -> list[list[int]] | None:
             return None
         hist = np.zeros(k, dtype=np.int64)
         try:
-            for n, sample in enumerate(local_tar_samples(url)):
-                if n >= info.count:
-                    break
-                try:
-                    y = int(sample.get("cls", b"-1"))
-                except ValueError:
-                    y = -1
+            buf, entries, error = local_tar_index(url)  # headers only: the images are not copied
+        except OSError as e:
+            raise DataError(f"shard {url}: cannot read its labels ({e})") from None
+        try:
+            if error is not None:
+                raise DataError(f"shard {url}: cannot read its labels ({error})")
+            for _, spans in entries[: info.count]:
+                a, size = spans.get("cls", (0, 0))
+                label = bytes(buf[a : a + size]).strip()
+                y = int(label) if label.lstrip(b"-").isdigit() else -1
                 if 0 <= y < k:
                     hist[y] += 1
-        except (OSError, ValueError) as e:
-            raise DataError(f"shard {url}: cannot read its labels ({e})") from None
+        finally:
+            if not isinstance(buf, bytes):
+                buf.close()
         out.append(hist.tolist())
     return out
 

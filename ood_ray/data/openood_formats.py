@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .images import IMAGE_EXTENSIONS, resize_to, to_mode
 from .manifest import OOD_LABEL, DataError
-from .writer import IMAGE_EXTENSIONS
 
 IDX_IMAGES, IDX_LABELS = 2051, 2049
 TIN_VAL_CLASS_STEP = 10  # native Tiny ImageNet: every 10th wnid (sorted) -> 20 ood-val classes
@@ -259,19 +259,11 @@ def open_image(path: Path, where: str) -> Image.Image:
 
 def fit_square(image, size: int) -> Image.Image:
     """RGB ``size``×``size``: shorter side resized to ``size`` (bilinear), then the centre cropped,
-    as OpenOOD's test preprocessing (``Resize(size)`` + ``CenterCrop(size)``)."""
+    as OpenOOD's test preprocessing (``Resize(size)`` + ``CenterCrop(size)``); the ``fit`` rule of
+    ``writer.resize_to``."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    w, h = image.size
-    if (w, h) == (size, size):
-        return image
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    return resize_to(to_mode(image, "RGB"), (size, size), "fit")
 
 
 def iter_arrays(images: np.ndarray, labels: Sequence[int], where: str) -> Iterator[tuple[np.ndarray, int, str]]:

@@ -34,13 +34,13 @@ the field (``sets.ood_test.mnist.folder``) and the file.
 from __future__ import annotations
 
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .images import ENCODINGS, IMAGE_EXTENSIONS
 from .manifest import MODES, DataError
-from .writer import ENCODINGS, IMAGE_EXTENSIONS
 
 ROLE_KEYS = ("train", "val", "test", "outlier", "ood_val", "ood_test")
 TOP_KEYS = ("name", "image_size", "mode", "resize", "encoding", "maxcount", "shuffle_seed", "sets", "description")
@@ -79,8 +79,7 @@ class Spec:
     maxcount: int
     shuffle_seed: int | None
     sets: dict
-    description: str = ""
-    raw: dict = field(default_factory=dict)
+    description: str = ""  # prepended to every manifest's description
 
 
 def _fail(spec_path, where: str, why: str):
@@ -140,7 +139,7 @@ def load_spec(path: str | Path) -> Spec:
     for role in ("ood_val", "ood_test"):
         if role in sets and (not isinstance(sets[role], dict) or not sets[role]):
             _fail(path, f"sets.{role}", "must map set names to sources, e.g. {tin: {folder: tin-val, group: near}}")
-    return Spec(path, name, (size[0], size[1]), mode, resize, encoding, maxcount, seed, sets, str(raw.get("description", "")), raw)
+    return Spec(path, name, (size[0], size[1]), mode, resize, encoding, maxcount, seed, sets, str(raw.get("description", "")))
 
 
 class Archives:

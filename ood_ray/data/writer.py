@@ -6,20 +6,19 @@ input: tar headers carry a fixed mtime and owner, PNGs are written without times
 
 With ``jpg`` a JPEG source file that already has the set's size and mode is stored byte for byte
 (no second lossy step); any other image is encoded as JPEG at quality 95 (4:4:4), and the count of
-those is logged. The file writers (folder, arrays, torchvision) write their samples in a seeded
+those is logged (``images`` prepares and encodes each image). The file writers (folder, arrays, torchvision) write their samples in a seeded
 shuffled order by default (``shuffle_seed``, recorded in the manifest), so that no shard holds one
 class only; ID manifests record each shard's class histogram.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from .images import ENCODINGS, IMAGE_EXTENSIONS, JPEG_QUALITY, auto_encoding, encode_sample
 from .manifest import (
     DEFAULT_READ_CMD,
     FORMAT_VERSION,
@@ -42,97 +42,8 @@ from .manifest import (
     sha256_file,
 )
 
-ENCODINGS = ("png", "raw", "jpg")
-JPEG_EXTENSIONS = (".jpg", ".jpeg")
-JPEG_QUALITY = 95
 DEFAULT_SHUFFLE_SEED = 0
 log = logging.getLogger("ood_ray.data")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def to_mode(im: Image.Image, mode: str) -> Image.Image:
-    """``im`` in ``mode`` (L or RGB); 16- and 32-bit integer images are scaled to 8 bits first
-    (PIL's own conversion clips them at 255)."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(im).astype(np.int64)
-        top = 65535 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255
-        im = Image.fromarray((np.clip(a, 0, top) * 255 // max(top, 1)).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "P") and mode == "RGB":
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (0, 0, 0, 255))  # transparent pixels become black
-        im = Image.alpha_composite(bg, im)
-    return im if im.mode == mode else im.convert(mode)
-
-
-def to_pil(image, mode: str, size: tuple[int, int], where: str, resize: bool = False) -> Image.Image:
-    """Turn a PIL image or a uint8 array (H×W or H×W×C) into a PIL image of the given mode/size."""
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise DataError(f"{where}: array dtype is {image.dtype}, expected uint8 (scale images to 0..255)")
-        if image.ndim == 3 and image.shape[2] == 1:
-            image = image[:, :, 0]
-        if image.ndim not in (2, 3):
-            raise DataError(f"{where}: array shape {image.shape} is not H×W or H×W×C")
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise DataError(f"{where}: expected a PIL image or uint8 array, got {type(image).__name__}")
-    if image.mode != mode:
-        image = to_mode(image, mode)
-    h, w = size
-    if image.size != (w, h):
-        if not resize:
-            raise DataError(
-                f"{where}: image is {image.size[1]}x{image.size[0]} (HxW), expected {h}x{w}; "
-                "pass a resize size to convert"
-            )
-        image = image.resize((w, h), Image.BILINEAR)
-    return image
-
-
-def encode_image(image: Image.Image, encoding: str) -> bytes:
-    if encoding == "png":
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", compress_level=6)
-        return buf.getvalue()
-    if encoding == "jpg":
-        buf = io.BytesIO()
-        image.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-        return buf.getvalue()
-    if encoding == "raw":
-        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8)).tobytes()
-    raise DataError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
-
-
-def auto_encoding(files: Sequence[Path], resize: bool) -> str:
-    """``jpg`` for JPEG files that need no resizing (their bytes are kept), else ``png``."""
-    if not resize and files and all(Path(f).suffix.lower() in JPEG_EXTENSIONS for f in files):
-        return "jpg"
-    return "png"
-
-
-def read_image_file(path: Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read image ({e.strerror or e})") from None
-
-
-def encode_sample(image, encoding: str, mode: str, size: tuple[int, int], where: str, resize: bool) -> tuple[bytes, bool]:
-    """The stored bytes of one image, and whether they are the source file's own bytes.
-
-    ``image`` is a PIL image, a uint8 array, or the path of an image file."""
-    if isinstance(image, str | Path):
-        path = Path(image)
-        data = read_image_file(path)
-        try:
-            im = Image.open(io.BytesIO(data))
-            if encoding == "jpg" and im.format == "JPEG" and im.mode == mode and im.size == (size[1], size[0]):
-                return data, True
-            im.load()
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise DataError(f"{path}: cannot read image ({e})") from None
-        image, where = im, str(path)
-    return encode_image(to_pil(image, mode, size, where, resize=resize), encoding), False
 
 
 class Upload:
@@ -367,13 +278,6 @@ def _write_staged(samples, out_dir: Path, *, name, role, image_size, mode, class
     return manifest
 
 
-def array_samples(images: np.ndarray, labels: Sequence[int] | np.ndarray, prefix: str = "") -> Iterator[tuple[str, np.ndarray, int]]:
-    if len(images) != len(labels):
-        raise DataError(f"{len(images)} images but {len(labels)} labels")
-    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
-        yield f"{prefix}{i:07d}", img, int(y)
-
-
 def shuffled_order(n: int, seed: int | None) -> np.ndarray:
     """The order samples are written in: ``0..n-1`` permuted with ``seed`` (None: as they are)."""
     return np.arange(n) if seed is None else np.random.default_rng([int(seed), 29]).permutation(n)
@@ -390,9 +294,8 @@ def write_array_shards(images: np.ndarray, labels, out_dir: str | Path, *, key_p
         raise DataError(f"{len(images)} images but {len(labels)} labels")
     kw.setdefault("image_size", images.shape[1:3])
     kw.setdefault("mode", "L" if images.ndim == 3 or images.shape[3] == 1 else "RGB")
-    samples = list(array_samples(images, labels, key_prefix))
-    order = shuffled_order(len(samples), shuffle_seed)
-    return write_shards((samples[i] for i in order), out_dir, total=len(images), shuffle_seed=shuffle_seed, **kw)
+    samples = ((f"{key_prefix}{i:07d}", images[i], int(labels[i])) for i in shuffled_order(len(images), shuffle_seed))
+    return write_shards(samples, out_dir, total=len(images), shuffle_seed=shuffle_seed, **kw)
 
 
 def folder_samples(root: Path) -> tuple[list[str], list[tuple[str, Path, int]]]:
