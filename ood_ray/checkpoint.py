@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
+import numbers
 import os
 from pathlib import Path
 
@@ -110,6 +112,8 @@ def read_json(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested deeper than Python's recursion limit)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -147,6 +151,10 @@ def check_meta(meta: dict, path: Path) -> None:
         raise ValueError(f"{path}: class_names={names!r}; expected a non-empty list of strings")
     if not isinstance(meta["method_params"], dict):
         raise ValueError(f"{path}: method_params={meta['method_params']!r}; expected an object")
+    detector = meta.get("detector")
+    for key, value in (("delta", meta.get("delta")), ("detector.delta", detector.get("delta") if isinstance(detector, dict) else None)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)):
+            raise ValueError(f"{path}: {key}={value!r}; expected a finite number or null")
 
 
 def method_of(meta: dict) -> Method:
@@ -179,7 +187,6 @@ def load_model_dir(directory: str | os.PathLike) -> tuple[Classifier, dict, Trai
         )
     except (ValueError, TypeError) as e:
         raise ValueError(f"{meta_path}: {e}") from None
-    model = Classifier(backbone, method.make_head(backbone.num_features, len(meta["class_names"])))
     if not state_path.is_file():
         raise FileNotFoundError(f"checkpoint file missing: {state_path}")
     try:
@@ -190,6 +197,11 @@ def load_model_dir(directory: str | os.PathLike) -> tuple[Classifier, dict, Trai
         ) from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ValueError(f"{state_path}: expected a dict with a 'model' state_dict")
+    num_classes = len(meta["class_names"])
+    with torch.device("meta"):  # shapes only: nothing is allocated for the head model.json describes
+        shapes = Classifier(backbone, method.make_head(backbone.num_features, num_classes)).state_dict()
+    check_weights(state["model"], shapes, state_path, f"{meta_path.name} ({num_classes} class names)")
+    model = Classifier(backbone, method.make_head(backbone.num_features, num_classes))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -199,6 +211,29 @@ def load_model_dir(directory: str | os.PathLike) -> tuple[Classifier, dict, Trai
     if meta.get("detector"):
         model.detector = restore_detector(model, method, meta["detector"], state.get("detector"), meta_path, state_path)
     return model.eval(), meta, cfg
+
+
+def check_weights(saved: dict, expected: dict, state_path: Path, described: str) -> None:
+    """Refuse saved weights that lack or add tensors, differ in shape or kind from ``expected``
+    (a state_dict of the model ``described``, possibly on the meta device), or hold NaN or inf;
+    one line naming ``state_path`` and the first tensor at fault."""
+    where = f"{state_path}: weights do not fit the model described in {described}"
+    missing = [k for k in expected if k not in saved]
+    extra = [str(k) for k in saved if k not in expected]
+    if missing or extra:
+        parts = [f"missing {', '.join(missing[:3])}" if missing else "", f"unexpected {', '.join(extra[:3])}" if extra else ""]
+        raise ValueError(f"{where}: {'; '.join(p for p in parts if p)}")
+    for key, want in expected.items():
+        got = saved[key]
+        if not isinstance(got, torch.Tensor):
+            raise ValueError(f"{where}: {key} is a {type(got).__name__}, not a tensor")
+        if got.shape != want.shape:
+            raise ValueError(f"{where}: {key} has shape {list(got.shape)}, the model needs {list(want.shape)}")
+        if got.is_floating_point() != want.is_floating_point() or got.is_complex():
+            raise ValueError(f"{where}: {key} has dtype {got.dtype}, the model needs {want.dtype}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            bad = int((~torch.isfinite(got)).sum())
+            raise ValueError(f"{state_path}: tensor {key} holds {bad} NaN or infinite value(s) of {got.numel()}; refusing a model that cannot score")
 
 
 def restore_detector(model: Classifier, method: Method, info, saved, meta_path: Path, state_path: Path):
@@ -213,8 +248,8 @@ def restore_detector(model: Classifier, method: Method, info, saved, meta_path: 
         det = make_detector(info["name"], **info.get("params", {}))
         logits_of = (lambda x: method.logits(model(x))) if det.needs_model else None
         head = copy.deepcopy(method.class_head(model.head)).eval().requires_grad_(False)  # stays on the CPU with the statistics
-        return det.restore(saved, head, model=logits_of)
-    except (ValueError, KeyError, RuntimeError) as e:
+        return det.restore(saved, head, model=logits_of, feature_dim=model.num_features)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"{state_path}: cannot restore the detector {info['name']!r} ({e})") from None
 
 

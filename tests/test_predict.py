@@ -255,7 +255,9 @@ def post(url: str, body: dict) -> list[dict]:
         raise AssertionError(f"HTTP {e.code}: {e.read()[:2000]!r}") from None
 
 
-def test_mlflow_models_serve_matches_python_api(store):
+@pytest.fixture(scope="module")
+def served(store):
+    """``mlflow models serve`` of the registered model, as a real HTTP server; yields its URL."""
     port = free_port()
     log = store.tmp / f"serve-{port}.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri}
@@ -285,18 +287,7 @@ def test_mlflow_models_serve_matches_python_api(store):
                 print(log.read_text(errors="replace"))
                 pytest.fail(f"mlflow models serve: {state}; log:\n{log.read_text()[-4000:]}")
             time.sleep(0.5)
-
-        expected = predict(store.model, store.files, tracking_uri=store.uri)
-        b64 = [base64.b64encode(f.read_bytes()).decode() for f in store.files]
-        split = {"dataframe_split": {"columns": ["image"], "data": [[b] for b in b64]}}
-        try:
-            assert_rows_match(post(base + "/invocations", split), expected, tol=1e-5)
-            assert_rows_match(
-                post(base + "/invocations", {"inputs": store.x.tolist()}), expected, tol=1e-5
-            )
-        except AssertionError:
-            print(log.read_text(errors="replace"))
-            raise
+        yield SimpleNamespace(url=base, log=log)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -306,3 +297,40 @@ def test_mlflow_models_serve_matches_python_api(store):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_mlflow_models_serve_matches_python_api(store, served):
+    expected = predict(store.model, store.files, tracking_uri=store.uri)
+    b64 = [base64.b64encode(f.read_bytes()).decode() for f in store.files]
+    split = {"dataframe_split": {"columns": ["image"], "data": [[b] for b in b64]}}
+    try:
+        assert_rows_match(post(served.url + "/invocations", split), expected, tol=1e-5)
+        assert_rows_match(
+            post(served.url + "/invocations", {"inputs": store.x.tolist()}), expected, tol=1e-5
+        )
+    except AssertionError:
+        print(served.log.read_text(errors="replace"))
+        raise
+
+
+def test_mlflow_models_serve_never_opens_a_path_sent_by_the_client(store, served):
+    """A string is base64 of an image, never a path on the server: an image file the server has,
+    a missing file, a text file and a folder all get the same 400 answer, which names none of them."""
+    (store.tmp / "secret.txt").write_text("not an image")
+    paths = [store.files[0], store.tmp / "missing.png", store.tmp / "secret.txt", store.tmp]
+    answers = []
+    for path in paths:
+        body = {"dataframe_split": {"columns": ["image"], "data": [[str(path)]]}}
+        req = urllib.request.Request(
+            served.url + "/invocations", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        assert e.value.code == 400, str(path)
+        answers.append(e.value.read().decode())
+    assert all(a == answers[0] for a in answers), answers
+    assert "not a base64-encoded image" in answers[0]
+    assert not any(name in answers[0] for name in ("img0.png", "missing.png", "secret.txt"))
+    b64 = base64.b64encode(store.files[0].read_bytes()).decode()
+    ok = post(served.url + "/invocations", {"dataframe_split": {"columns": ["image"], "data": [[b64]]}})
+    assert ok[0]["class_name"] == predict(store.model, store.files[:1], tracking_uri=store.uri)[0]["class_name"]

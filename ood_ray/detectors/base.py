@@ -15,7 +15,9 @@ Class attributes
     a head that is not an ``nn.Linear``. ``needs_model``: ``fit`` needs ``model=`` (a callable
     images -> logits) and ``score`` takes images instead of features (ODIN).
     ``grid_values``: the post-hoc search, as candidate values per parameter (``grid()`` is their
-    product). ``state_keys``: the fitted statistics ``state()`` returns. ``fit_params``: the
+    product). ``state_keys``: the fitted statistics ``state()`` returns, each with its shape in
+    ``D`` (features), ``K`` (classes) and ``N`` (any size >= 1); ``restore`` refuses a statistic
+    of another shape, a non-float one, or one holding NaN or inf. ``fit_params``: the
     parameters those statistics depend on (stored in the state; ``restore`` refuses other values).
 
 Hooks: ``validate`` (parameter ranges), ``_fit`` (statistics from train features), ``_score``,
@@ -52,7 +54,7 @@ class Detector:
     needs_linear_head: ClassVar[bool] = False
     needs_model: ClassVar[bool] = False
     grid_values: ClassVar[dict[str, list]] = {}
-    state_keys: ClassVar[tuple[str, ...]] = ()
+    state_keys: ClassVar[dict[str, tuple[str, ...]]] = {}
     fit_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any):
@@ -292,8 +294,14 @@ class Detector:
             out[f"param.{key}"] = torch.tensor(value, dtype=torch.float64 if isinstance(value, float) else torch.long)
         return out
 
-    def restore(self, state: dict[str, torch.Tensor], head: nn.Module, model: Model | None = None) -> Detector:
-        """Rebuild the fitted detector from ``state()`` output plus the head (and model); returns self."""
+    def restore(
+        self, state: dict[str, torch.Tensor], head: nn.Module, model: Model | None = None, *, feature_dim: int | None = None
+    ) -> Detector:
+        """Rebuild the fitted detector from ``state()`` output plus the head (and model); returns self.
+
+        ``feature_dim``: the model's feature size D, when known (the state must have been fitted
+        for it). Every saved value is checked (kind, shape in D and K, finite) before it is kept;
+        a DetectorError names the key at fault."""
         self._fitted = False
         self._cache = {}
         if not isinstance(state, dict):
@@ -302,21 +310,47 @@ class Detector:
         missing = [k for k in needed if k not in state]
         if missing:
             raise self.error(f"the state to restore lacks {', '.join(missing)} (was it saved by another detector?)")
+        scalars = {k: _scalar(state[k]) for k in needed if k not in self.state_keys}
+        for key, value in scalars.items():
+            if value is None:
+                raise self.error(f"state {key} must be a finite number (a one-element tensor), got {_describe(state[key])}")
+        for key in ("feature_dim", "num_classes"):
+            if scalars[key] != int(scalars[key]) or scalars[key] < 1:
+                raise self.error(f"state {key}={scalars[key]!r} must be a whole number >= 1")
         for key in self.fit_params:
-            saved = state[f"param.{key}"].item()
+            saved = scalars[f"param.{key}"]
             if saved != self.params[key]:
                 raise self.error(f"the state was fitted with {key}={saved!r} but this detector has {key}={self.params[key]!r}")
         self._attach(head, model)
-        self.feature_dim = int(state["feature_dim"])
-        self.num_classes = int(state["num_classes"])
-        if isinstance(head, nn.Linear) and (head.in_features, head.out_features) != (self.feature_dim, self.num_classes):
-            raise self.error(
-                f"the state was fitted for D={self.feature_dim}, K={self.num_classes} but the head is "
-                f"nn.Linear({head.in_features}, {head.out_features})"
-            )
+        self.feature_dim, self.num_classes = int(scalars["feature_dim"]), int(scalars["num_classes"])
+        if feature_dim is not None and self.feature_dim != feature_dim:
+            raise self.error(f"state feature_dim={self.feature_dim} but the model has D={feature_dim} features")
+        if isinstance(head, nn.Linear):
+            if (head.in_features, head.out_features) != (self.feature_dim, self.num_classes):
+                raise self.error(
+                    f"the state was fitted for D={self.feature_dim}, K={self.num_classes} but the head is "
+                    f"nn.Linear({head.in_features}, {head.out_features})"
+                )
+        elif feature_dim is not None:  # any other head: one probe of zeros checks D in and K out
+            self._probe_classes(torch.zeros(1, self.feature_dim))
+        for key, shape in self.state_keys.items():
+            self._check_stat(key, state[key], shape)
         self._stats = {k: state[k].detach().clone() for k in self.state_keys}
         self._fitted = True
         return self
+
+    def _check_stat(self, key: str, value: Any, shape: tuple[str, ...]) -> None:
+        """Refuse a saved statistic that is no float tensor of ``shape`` (in D, K, N) or not finite."""
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise self.error(f"state {key} must be a floating-point tensor, got {_describe(value)}")
+        sizes = {"D": self.feature_dim, "K": self.num_classes}
+        want = "(" + ", ".join(str(sizes.get(d, d)) for d in shape) + ")"
+        if value.dim() != len(shape) or any(
+            got != sizes[d] if d in sizes else got < 1 for got, d in zip(value.shape, shape, strict=True)
+        ):
+            raise self.error(f"state {key} has shape {tuple(value.shape)}, expected {want} for D={self.feature_dim}, K={self.num_classes}")
+        if not bool(torch.isfinite(value).all()):
+            raise self.error(f"state {key} holds {int((~torch.isfinite(value)).sum())} NaN or infinite value(s)")
 
 
 def energy(logits: torch.Tensor) -> torch.Tensor:
@@ -339,6 +373,14 @@ def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
     lo = int(math.floor(pos))
     low, high = flat[lo].to(torch.float64), flat[min(lo + 1, flat.numel() - 1)].to(torch.float64)
     return low + (high - low) * (pos - lo)
+
+
+def _scalar(x: Any) -> float | None:
+    """The finite number in a one-element real tensor (as ``state()`` saves it), else None."""
+    if not isinstance(x, torch.Tensor) or x.numel() != 1 or x.is_complex() or x.dtype == torch.bool:
+        return None
+    value = x.item()
+    return value if math.isfinite(value) else None
 
 
 def _describe(x: Any) -> str:

@@ -19,7 +19,7 @@ TINY = 1e-12  # guards a zero ‖w_ŷ − w_c‖ (identical rows) or z exactly a
 class FDBD(Detector):
     name = "fdbd"
     needs_linear_head = True
-    state_keys = ("train_mean",)
+    state_keys = {"train_mean": ("D",)}
 
     def _fit(self, z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.num_classes < 2:

@@ -29,7 +29,7 @@ class KNN(Detector):
     name = "knn"
     defaults = {"k": 50}
     grid_values = {"k": [1, 5, 10, 50, 100, 200]}
-    state_keys = ("bank",)
+    state_keys = {"bank": ("N", "D")}
 
     @classmethod
     def validate(cls, params: dict) -> None:
@@ -47,8 +47,8 @@ class KNN(Detector):
         dtype = torch.promote_types(z.dtype, torch.float32)
         return {"bank": normalize(z.to(torch.float64)).to(dtype)}
 
-    def restore(self, state, head, model=None) -> KNN:
-        super().restore(state, head, model)
+    def restore(self, state, head, model=None, *, feature_dim=None) -> KNN:
+        super().restore(state, head, model, feature_dim=feature_dim)
         n = self._stats["bank"].shape[0]
         if self.params["k"] > n:
             self._fitted = False

@@ -16,7 +16,7 @@ from .base import Detector
 
 class Mahalanobis(Detector):
     name = "mahalanobis"
-    state_keys = ("means", "precision")
+    state_keys = {"means": ("K", "D"), "precision": ("D", "D")}
 
     def _fit(self, z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         n, k = z.shape[0], self.num_classes

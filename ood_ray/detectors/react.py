@@ -19,7 +19,7 @@ class ReAct(Detector):
     defaults = {"percentile": 90.0}
     needs_linear_head = True
     grid_values = {"percentile": [85.0, 90.0, 95.0, 99.0]}
-    state_keys = ("threshold",)
+    state_keys = {"threshold": ()}
     fit_params = ("percentile",)
 
     @classmethod

@@ -22,7 +22,7 @@ class ViM(Detector):
     name = "vim"
     defaults = {"dim": 0}
     needs_linear_head = True
-    state_keys = ("origin", "residual", "alpha")
+    state_keys = {"origin": ("D",), "residual": ("D", "N"), "alpha": ()}
     fit_params = ("dim",)
     fractions = (0.25, 0.5, 0.75)  # the grid's principal dims, as fractions of D
 
@@ -64,6 +64,12 @@ class ViM(Detector):
             raise self.bad("dim", self.params["dim"], f"leaves no train variance in the residual space (principal dim {dim} of D={z.shape[1]}); use a smaller dim")
         alpha = self._linear(z).amax(dim=1).mean() / vlogit.mean()
         return {"origin": origin, "residual": residual, "alpha": alpha}
+
+    def _check_stat(self, key: str, value, shape) -> None:
+        super()._check_stat(key, value, shape)
+        want = self.feature_dim - self.principal_dim(self.feature_dim)
+        if key == "residual" and value.shape[1] != want:
+            raise self.error(f"state residual has {value.shape[1]} columns, expected D - dim = {want} for D={self.feature_dim}")
 
     def _score(self, x: torch.Tensor) -> torch.Tensor:
         origin, residual = self._stat("origin", x.device), self._stat("residual", x.device)

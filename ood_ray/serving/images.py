@@ -1,7 +1,13 @@
 """Image input for a trained detector: files, PIL images, encoded bytes or arrays -> uint8 N×C×H×W.
 
 Every image is checked against the model's mode and size and never resized (the detector's scores
-depend on it); errors name the file (or the input's type) and the sizes expected and got.
+depend on it); errors name the file (or the input's type) and the sizes expected and got. Images
+are converted to the model's mode as the data writers convert them (``ood_ray.data.images.to_mode``:
+16- and 32-bit images are scaled to 8 bits, not clipped at 255).
+
+Strings in a batch are file paths or base64 by default (the Python API); with ``paths=False`` (the
+pyfunc model, which ``mlflow models serve`` feeds with what HTTP clients send) they are base64 only
+and no file is ever opened or looked up.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..checkpoint import MODE_CHANNELS
+from ..data.images import to_mode
 
 
 def _is_file(path: Path) -> bool:
@@ -94,11 +101,17 @@ class ImageInput:
             raise self._size_error(a.shape[2:], a.shape[1])
         return np.ascontiguousarray(a)
 
-    def _open(self, item) -> Image.Image:
+    def _open(self, item, paths: bool = True) -> Image.Image:
         if isinstance(item, Image.Image):
             return item
         if isinstance(item, bytes | bytearray | memoryview):
             data = bytes(item)
+        elif not paths and isinstance(item, str | os.PathLike):
+            data = _decode_string(item) if isinstance(item, str) else None
+            if data is None:  # the same words whatever the string names: no file is looked up
+                raise ValueError(
+                    "not a base64-encoded image: this input takes PNG/JPEG bytes or base64 strings of them, never file paths"
+                )
         elif isinstance(item, str | os.PathLike):
             path = Path(item)
             if isinstance(item, os.PathLike) or _is_file(path):
@@ -138,8 +151,7 @@ class ImageInput:
             raise self._size_error((h, w))
 
     def _from_image(self, img: Image.Image) -> np.ndarray:
-        if img.mode != self.mode:
-            img = img.convert(self.mode)
+        img = to_mode(img, self.mode)
         w, h = img.size
         if (h, w) != self.image_size:
             raise self._size_error((h, w))
@@ -192,10 +204,11 @@ class ImageInput:
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
 
-    def to_batch(self, images) -> np.ndarray:
+    def to_batch(self, images, *, paths: bool = True) -> np.ndarray:
         """The images as one uint8 array ``N×C×H×W`` checked against the model's mode and size.
 
         Also accepts a pandas DataFrame (or a dict) with a column ``image`` of encoded images.
+        ``paths=False``: strings are base64 of encoded images only, never file paths.
         """
         if isinstance(images, pd.DataFrame | dict):
             if "image" not in images:
@@ -220,4 +233,7 @@ class ImageInput:
         c, (h, w) = self.channels, self.image_size
         if not items:
             return np.zeros((0, c, h, w), dtype=np.uint8)
-        return np.stack([self._from_image(self._open(item)) for item in items])
+        return np.stack([
+            self._prefixed(f"image {i}", lambda item: self._from_image(self._open(item, paths)), item)
+            for i, item in enumerate(items)
+        ])

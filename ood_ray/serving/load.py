@@ -200,8 +200,8 @@ def predict(
     Each dict has ``image`` (the path as given, None for in-memory images) and the columns of
     ``COLUMNS`` as plain Python values (JSON-ready): ``class_name``, ``score_name`` and
     ``score`` (the method's default score), ``threshold_score`` and ``threshold_value`` (the
-    score δ applies to), ``delta`` (None when off), ``unknown`` (threshold_value < δ) and
-    ``label`` (class_name, or "unknown").
+    score δ applies to), ``delta`` (None when off), ``unknown`` (threshold_value < δ, or a score
+    that is NaN or infinite) and ``label`` (class_name, or "unknown").
     """
     single = isinstance(images, str | os.PathLike | Image.Image | bytes | bytearray)
     if single or (isinstance(images, np.ndarray | torch.Tensor) and images.ndim < 3):

@@ -4,12 +4,16 @@ An image is "unknown" when the method's threshold score (``msp`` for softmax / O
 ``confidence`` for the confidence branch, ``confidence_pre`` when it preprocesses inputs, ``mps``
 for DisMax, or the post-hoc detector's score when the checkpoint carries one; as recorded in
 ``model.json``) is below δ, the rule of
-``ood_ray.engine.evaluate.threshold_metrics``; with δ = None no image is unknown.
+``ood_ray.engine.evaluate.threshold_metrics``; with δ = None no image is unknown on its score.
+An image whose threshold or default score is NaN or infinite is always unknown (a broken model
+must not answer "known": ``nan < δ`` is false).
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -53,7 +57,8 @@ class OODPredictor(ImageInput):
     * a numpy array (or tensor) ``N×H×W`` (mode "L"), ``N×C×H×W`` or ``N×H×W×C``; integer or
       float arrays are accepted when every value is a whole number in [0, 255];
     * a list of PIL images, file paths, or encoded PNG/JPEG bytes (or base64 strings of them),
-      converted to the model's mode; a single one of these works too.
+      converted to the model's mode (16-bit images scaled to 8 bits); a single one of these works
+      too. ``predict(images, paths=False)`` takes strings as base64 only (the pyfunc model does).
 
     Every image must have the model's size (a ValueError names expected and got sizes): nothing is
     resized, because the detector's scores depend on it.
@@ -95,6 +100,8 @@ class OODPredictor(ImageInput):
     @delta.setter
     def delta(self, value) -> None:
         if value is not None:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"delta={value!r} must be a finite number or None")
             value = float(value)
             low, high = self.method.threshold_range
             what = "a threshold on a probability" if (low, high) == (0.0, 1.0) else f"the range of the threshold score {self.threshold_score!r}"
@@ -120,9 +127,11 @@ class OODPredictor(ImageInput):
 
     # -- scoring -----------------------------------------------------------------------------
 
-    def outputs(self, images) -> dict[str, np.ndarray]:
-        """The method's raw evaluation outputs: ``logits`` and every score, as numpy arrays."""
-        batch = self.to_batch(images)
+    def outputs(self, images, *, paths: bool = True) -> dict[str, np.ndarray]:
+        """The method's raw evaluation outputs: ``logits`` and every score, as numpy arrays.
+
+        ``paths=False``: strings are base64 images only, never file paths (see ``to_batch``)."""
+        batch = self.to_batch(images, paths=paths)
         parts: dict[str, list[np.ndarray]] = {}
         grad = torch.enable_grad() if self.method.eval_needs_grad else torch.no_grad()
         with grad:
@@ -141,15 +150,19 @@ class OODPredictor(ImageInput):
             }
         return {k: np.concatenate(v) for k, v in parts.items()}
 
-    def predict(self, images) -> pd.DataFrame:
-        """One row per image with the columns of ``COLUMNS`` (see the class docstring for inputs)."""
-        return self.frame(self.outputs(images))
+    def predict(self, images, *, paths: bool = True) -> pd.DataFrame:
+        """One row per image with the columns of ``COLUMNS`` (see the class docstring for inputs);
+        ``paths=False`` refuses file paths (strings are base64 images only)."""
+        return self.frame(self.outputs(images, paths=paths))
 
     def frame(self, out: dict[str, np.ndarray]) -> pd.DataFrame:
         """The rows of ``predict`` from outputs already computed by ``outputs`` (no second pass)."""
         pred = out["logits"].argmax(1) if len(out["logits"]) else np.zeros(0, np.int64)
         thr = out[self.threshold_score].astype(np.float64)
-        unknown = thr < self.delta if self.delta is not None else np.zeros(len(thr), bool)
+        score = out[self.default_score].astype(np.float64)
+        unknown = ~(np.isfinite(thr) & np.isfinite(score))  # NaN/inf: never "known"
+        if self.delta is not None:
+            unknown |= thr < self.delta
         names = (
             np.asarray(self.class_names, dtype=object)[pred] if len(pred) else np.zeros(0, object)
         )
@@ -160,7 +173,7 @@ class OODPredictor(ImageInput):
                 "label": np.where(unknown, UNKNOWN_LABEL, names).astype(object),
                 "unknown": unknown.astype(bool),
                 "score_name": self.default_score,
-                "score": out[self.default_score].astype(np.float64),
+                "score": score,
                 "threshold_score": self.threshold_score,
                 "threshold_value": thr,
                 "delta": self.delta,

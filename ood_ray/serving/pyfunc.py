@@ -44,6 +44,8 @@ class OODPyfuncModel(mlflow.pyfunc.PythonModel):
     nested lists of a JSON ``{"inputs": ...}`` request too) or a pandas DataFrame with a column
     ``image`` of encoded PNG/JPEG bytes or base64 strings of them (a ``{"dataframe_split": ...}``
     request to ``mlflow models serve``), and returns the DataFrame of ``OODPredictor.predict``.
+    Strings are base64 only, never file paths: a client of the scoring server must not make it
+    open (or reveal) files of the server's machine.
 
     ``params={"delta": ...}`` overrides δ for one call; MLflow passes params on only when the
     model's signature has a params schema (log with ``input_example=(example, {"delta": 0.15})``),
@@ -63,7 +65,7 @@ class OODPyfuncModel(mlflow.pyfunc.PythonModel):
         predictor = self.predictor
         if params and "delta" in params:
             predictor = predictor.with_delta(params["delta"])
-        return predictor.predict(model_input)
+        return predictor.predict(model_input, paths=False)
 
 
 def _pinned(packages: Iterable[str]) -> list[str]:
