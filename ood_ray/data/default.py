@@ -37,7 +37,6 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +58,7 @@ from .sources import (
     random_crops,
     uniform_noise,
 )
-from .writer import remove_stale, write_array_shards
+from .writer import file_lock, remove_stale, write_array_shards
 
 DEFAULT_NAME = "digits-ood"
 DEFAULT_VERSION = 2  # 2: tar members without pax headers (int mtime)
@@ -280,30 +279,12 @@ def _check_spec(path: Path, seed: int) -> None:
         )
 
 
-@contextmanager
-def _file_lock(path: Path):
-    """An exclusive advisory lock (POSIX flock); a no-op where one cannot be taken."""
-    try:
-        import fcntl
-
-        f = open(path, "a")
-    except (ImportError, OSError):
-        yield
-        return
-    with f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def build_default_locked(out_dir: str | Path, seed: int = 0, progress: bool = False) -> Path:
     """``build_default`` holding the same lock as ``ensure_default`` (``ood-ray data build-default``),
     so two builds into one folder never interleave."""
     out = Path(out_dir).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(out.parent / f".{out.name}.lock"):
+    with file_lock(out.parent / f".{out.name}.lock"):
         return build_default(out, seed=seed, progress=progress)
 
 
@@ -323,7 +304,7 @@ def ensure_default(seed: int = 0, data_dir: str | Path | None = None) -> Path:
         _check_spec(spec, seed)
         return spec
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{target.name}.lock"):
+    with file_lock(target.parent / f".{target.name}.lock"):
         if not spec.exists():
             _build_into(target, seed)
     _check_spec(spec, seed)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,12 +56,13 @@ from .openood_formats import (
     svhn_source,
     tin_source,
 )
-from .writer import write_shards
+from .writer import file_lock, remove_stale, write_shards
 
 BENCHMARKS = ("cifar10", "cifar100", "imagenet200")
 DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "imagenet200": 64}
 CLASSIC, LARGESCALE = "images_classic", "images_largescale"
 SPEC_FILE = "benchmark.json"
+STAGING = ".build-openood-"  # + pid: the folder inside --out where a build writes before it swaps in
 LISTS_HINT = "OpenOOD's image lists: benchmark_imglist.zip extracted into --root"
 
 CIFAR = {
@@ -246,7 +248,11 @@ def class_names(bench: str, root: Path, train: Source) -> list[str]:
             raise DataError(f"{it.where}: ID label {it.label} (training labels are 0, 1, ...)")
         if found.setdefault(it.label, name) != name:
             raise DataError(f"{it.where}: label {it.label} is in folder {name!r}, but earlier lines put it in {found[it.label]!r}; cannot name the classes")
-    return [found.get(i, str(i)) for i in range(max(found) + 1)]
+    if sorted(found) != list(range(len(found))):
+        gaps = sorted(set(range(max(found) + 1)) - set(found))[:5] if max(found) < 10 * len(found) else None
+        detail = f"labels {gaps} have no image" if gaps else f"the largest is {max(found)}"
+        raise DataError(f"{train.origin}: ID labels must be 0..K-1 with every label in the training list; {len(found)} labels are used and {detail}")
+    return [found[i] for i in range(len(found))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +264,7 @@ def _samples(subdir: str, src: Source, size: int, n_classes: int | None) -> Iter
         image = open_image(obj, where) if isinstance(obj, Path) else obj
         if n_classes is not None and not 0 <= label < n_classes:
             raise DataError(f"{where}: label {label} outside [0, {n_classes})")
-        yield f"{subdir}-{i:07d}", fit_square(image, size), (label if n_classes is not None else OOD_LABEL)
+        yield f"{subdir}-{i:07d}", fit_square(image, size, where), (label if n_classes is not None else OOD_LABEL)
 
 
 def build_openood(
@@ -274,10 +280,12 @@ def build_openood(
 ) -> Built:
     """Build OpenOOD v1.5 benchmark ``bench`` from ``root`` into ``out``; see the module docstring.
 
-    Every source is checked before anything in ``out`` changes. Then ``benchmark.json`` is removed,
-    this builder's own sub-folders are replaced, and ``benchmark.json`` is written last
-    (atomically), so a half-built folder is never taken for a complete one; other files in ``out``
-    are left alone.
+    Every source is checked before anything in ``out`` changes. The sets are written into a staging
+    folder inside ``out`` while holding a lock next to ``out`` (``.<out>.lock``: two builds into one
+    folder never interleave). Only when all are written is ``benchmark.json`` removed, this
+    builder's own sub-folders replaced by the new ones, and ``benchmark.json`` written last
+    (atomically), so a failed or killed build leaves the previous benchmark as it was; other files
+    in ``out`` are left alone.
     """
     size = DEFAULT_IMAGE_SIZE.get(bench, 32) if image_size is None else image_size
     if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 4096:
@@ -291,22 +299,32 @@ def build_openood(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not a folder")
+    for entry in builder_entries(bench):
+        if (out / entry).is_symlink():
+            raise DataError(f"--out {out}: {entry} is a symbolic link; this builder replaces {entry} and will not follow or remove a link (remove it, or choose another --out)")
     out.mkdir(parents=True, exist_ok=True)
-    spec_path = out / SPEC_FILE
-    spec_path.unlink(missing_ok=True)
-    for entry in builder_entries(bench)[1:]:
-        if (out / entry).is_dir():
-            shutil.rmtree(out / entry)
+    with file_lock(out.parent / f".{out.name}.lock"):
+        remove_stale(out, STAGING)  # left by a build that was killed
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=out))
+        try:
+            spec, built = _write_sets(bench, sets, names, size, staging, maxcount, progress, log)
+            _swap_in(bench, staging, out, spec, built)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return built
+
+
+def _write_sets(bench, sets, names, size, staging: Path, maxcount, progress, log) -> tuple[dict, Built]:
     spec: dict = {"name": f"openood-v1.5-{bench}", "openood_id": bench, "image_size": [size, size],
                   "train": None, "val": None, "test": None, "outlier": None, "ood_val": {}, "ood_test": {}, "sources": {}}  # fmt: skip
-    built = Built(spec_path)
+    built = Built(staging / SPEC_FILE)
     for i, (s, src) in enumerate(sets, 1):
         if log:
             log(f"[{i}/{len(sets)}] {s.subdir}: {src.origin}")
         is_id = s.role in ID_ROLES
         group = f", {s.group} OOD" if s.group else ""
         m = write_shards(
-            _samples(s.subdir, src, size, len(names) if is_id else None), out / s.subdir, name=s.subdir, role=s.role,
+            _samples(s.subdir, src, size, len(names) if is_id else None), staging / s.subdir, name=s.subdir, role=s.role,
             image_size=(size, size), mode="RGB", class_names=names if is_id else (), group=s.group,
             description=f"OpenOOD v1.5 {bench}, {s.role}{group}: {s.key} from {src.origin}; RGB {size}x{size} "
             f"(shorter side resized to {size}, bilinear, centre crop).",
@@ -319,7 +337,22 @@ def build_openood(
             spec["ood_val" if s.role == "ood-val" else "ood_test"][s.key] = rel
         spec["sources"][s.subdir] = src.origin
         built.sets.append(BuiltSet(s, m, src.origin))
+    return spec, built
+
+
+def _swap_in(bench: str, staging: Path, out: Path, spec: dict, built: Built) -> None:
+    """Move the finished sets from ``staging`` into ``out``: ``benchmark.json`` is removed first and
+    written last (atomically), so a half-swapped folder is never taken for a complete one."""
+    spec_path = out / SPEC_FILE
+    spec_path.unlink(missing_ok=True)
+    for entry in builder_entries(bench)[1:]:
+        if (out / entry).is_dir():
+            shutil.rmtree(out / entry)
+        if (staging / entry).is_dir():
+            os.replace(staging / entry, out / entry)
+    for b in built.sets:
+        b.manifest.path = str((out / b.spec.subdir / "manifest.json").resolve())
     tmp = out / f".{SPEC_FILE}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(spec, indent=2) + "\n")
     os.replace(tmp, spec_path)
-    return built
+    built.path = spec_path

@@ -10,8 +10,9 @@ ready to be read by ``ood_ray.data.openood``.
   a uint8 array N×3072 (1024 red, 1024 green, 1024 blue values, rows top to bottom) and whose
   labels are ``labels`` (CIFAR-10) or ``fine_labels`` (CIFAR-100); class names are ``label_names`` /
   ``fine_label_names`` in the meta file. The files were written by Python 2; they are read with
-  ``encoding="latin1"`` and a restricted unpickler that builds only dicts, lists, strings, numbers
-  and numpy arrays (any other class in the file is refused rather than imported).
+  ``encoding="latin1"`` by ``safe_pickle``, which builds only dicts, lists, strings, numbers and
+  plain integer numpy arrays, within bounds on size, opcodes and depth (any other class, callable,
+  object or structured dtype in the file is refused rather than built).
 * MNIST idx files (``train-images-idx3-ubyte``, ``t10k-images-idx3-ubyte``, gzipped or not): a
   big-endian header (magic 2051 for images, 2049 for labels, then the dimensions as uint32) followed
   by uint8 data.
@@ -28,8 +29,9 @@ from __future__ import annotations
 
 import ast
 import gzip
-import importlib
-import pickle
+import math
+import struct
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +39,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import IMAGE_EXTENSIONS, resize_to, to_mode
+from .images import IMAGE_EXTENSIONS, MAX_ASPECT, resize_to, to_mode
 from .manifest import OOD_LABEL, DataError
+from .safe_pickle import UnsafePickle, load_data_pickle
 
 IDX_IMAGES, IDX_LABELS = 2051, 2049
+MAX_IDX_BYTES = 1 << 28  # 256 MiB; MNIST's train images are 47 MB
+MAT_COMPRESSED = 15  # miCOMPRESSED, a zlib-compressed variable in a MATLAB v5 file
+MAX_SVHN_IMAGES = 200_000
+MAX_PIXELS = 64_000_000  # per image file; ImageNet's largest val image has 7 Mpx
+MAX_SVHN_BYTES = MAX_SVHN_IMAGES * 32 * 32 * 3 + (1 << 20)  # 615 MB; the test file inflates to 80 MB
 TIN_VAL_CLASS_STEP = 10  # native Tiny ImageNet: every 10th wnid (sorted) -> 20 ood-val classes
 OPENIMAGE_O_VAL_STEP = 10  # native OpenImage-O: every 10th file (sorted) -> ood-val
 
@@ -66,40 +74,25 @@ def need(root: Path, alternatives: Sequence[str], hint: str, folder: bool = Fals
 # ---------------------------------------------------------------------------------------------
 # CIFAR pickles
 
-_NUMPY_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("_codecs", "encode"),  # how Python 3 writes bytes at protocol 2 (files re-pickled by Python 3)
-}  # fmt: skip
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Builds only plain containers and numpy arrays: a pickle that names any other class is refused."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _NUMPY_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (a CIFAR file holds only dicts, lists and arrays)")
-        if module == "numpy.core.multiarray":  # written by numpy 1.x; numpy 2 moved it
-            try:
-                return getattr(importlib.import_module("numpy._core.multiarray"), name)
-            except ImportError:
-                pass
-        return getattr(importlib.import_module(module), name)
-
-
 def read_pickle_dict(path: Path) -> dict:
-    """A CIFAR python-version file as a dict with ``str`` keys."""
+    """A CIFAR python-version file as a dict with ``str`` keys, through ``safe_pickle`` (bounded,
+    data only: any class, callable or object array in the file is refused rather than built)."""
     try:
-        with open(path, "rb") as f:
-            d = _SafeUnpickler(f, encoding="latin1").load()
+        d = load_data_pickle(path)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnsafePickle as e:
+        raise DataError(f"{path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - pickle raises many kinds on damaged input
         raise DataError(f"{path}: not a readable CIFAR python-version pickle ({type(e).__name__}: {e})") from None
     if not isinstance(d, dict):
         raise DataError(f"{path}: expected a pickled dict (CIFAR python version), got {type(d).__name__}")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+    out = {}
+    for k, v in d.items():
+        if not isinstance(k, str | bytes):
+            raise DataError(f"{path}: key {k!r} is a {type(k).__name__}; a CIFAR file's keys are strings")
+        out[k.decode("latin1") if isinstance(k, bytes) else k] = v
+    return out
 
 
 def _names(value, path: Path, key: str) -> list[str]:
@@ -138,26 +131,87 @@ def read_cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.n
 
 
 def read_idx(path: Path, magic: int = IDX_IMAGES) -> np.ndarray:
-    """An idx file (gzipped when its name ends in .gz) as a uint8 array (N×28×28 for MNIST images)."""
+    """An idx file (gzipped when its name ends in .gz) as a uint8 array (N×28×28 for MNIST images).
+
+    The header's dimensions are checked before the data is read: none may be 0, and their product
+    may not pass ``MAX_IDX_BYTES``; a gzipped file is inflated only that far."""
+    what = "an idx3 image file, e.g. t10k-images-idx3-ubyte" if magic == IDX_IMAGES else "an idx1 label file"
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise DataError(f"{path}: {len(head)} bytes, too short for an idx header ({what})")
+            got = int.from_bytes(head, "big")
+            if got != magic:
+                raise DataError(f"{path}: magic number {got}, expected {magic} ({what})")
+            ndim = head[3]
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise DataError(f"{path}: the header is cut short ({what})")
+            dims = [int.from_bytes(raw_dims[4 * i : 4 * i + 4], "big") for i in range(ndim)]
+            if 0 in dims:
+                raise DataError(f"{path}: the header says {dims}: a dimension of 0 holds no images ({what})")
+            n = math.prod(dims)
+            if n > MAX_IDX_BYTES:
+                raise DataError(f"{path}: the header says {dims} ({n:,} bytes), more than this reader takes "
+                                f"({MAX_IDX_BYTES:,}; MNIST's largest file holds 47,040,000)")  # fmt: skip
+            raw = f.read(n + 1)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    if len(raw) != n:
+        more = "more" if len(raw) > n else f"{len(raw):,}"
+        raise DataError(f"{path}: {more} data bytes, the header says {dims} ({n:,}); the file is truncated or damaged")
+    return np.frombuffer(raw, np.uint8).reshape(dims)
+
+
+def check_mat_size(path: Path, limit: int) -> None:
+    """Refuse a MATLAB v5 file whose variables would take more than ``limit`` bytes once inflated,
+    before ``scipy.io.loadmat`` allocates them: each compressed variable is inflated in chunks and
+    counted (nothing is kept), and an uncompressed one may not claim more bytes than the file has."""
     try:
         with open(path, "rb") as f:
-            raw = f.read()
-        if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    what = "an idx3 image file, e.g. t10k-images-idx3-ubyte" if magic == IDX_IMAGES else "an idx1 label file"
-    if len(raw) < 8:
-        raise DataError(f"{path}: {len(raw)} bytes, too short for an idx header ({what})")
-    got = int.from_bytes(raw[:4], "big")
-    if got != magic:
-        raise DataError(f"{path}: magic number {got}, expected {magic} ({what})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    if len(raw) != header + int(np.prod(dims)):
-        raise DataError(f"{path}: {len(raw) - header} data bytes, the header says {dims} ({int(np.prod(dims))}); the file is truncated or damaged")
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+            head = f.read(128)
+            if len(head) < 128 or head[126:128] not in (b"IM", b"MI") or not head.startswith(b"MATLAB 5.0"):
+                raise DataError(f"{path}: not a MATLAB 5.0 MAT-file (SVHN's *_32x32.mat files are)")
+            order = "<" if head[126:128] == b"IM" else ">"
+            total = 0
+            while tag := f.read(8):
+                if len(tag) < 8:
+                    raise DataError(f"{path}: a variable's header is cut short; the file is truncated or damaged")
+                kind, nbytes = struct.unpack(order + "II", tag)
+                if kind != MAT_COMPRESSED:
+                    f.seek(nbytes + (-nbytes % 8), 1)
+                    total += nbytes
+                    if f.tell() > path.stat().st_size:
+                        raise DataError(f"{path}: a variable claims {nbytes:,} bytes past the end of the file")
+                else:
+                    total += _inflated_size(f, nbytes, limit - total, path)
+                if total > limit:
+                    break
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if total > limit:
+        raise DataError(f"{path}: its variables take more than {limit:,} bytes once inflated; this reader takes at most "
+                        f"{MAX_SVHN_IMAGES:,} 32x32 RGB images (SVHN's test set holds 26,032)")  # fmt: skip
+
+
+def _inflated_size(f, nbytes: int, room: int, path: Path) -> int:
+    """The inflated size of the next ``nbytes`` compressed bytes of ``f``, counted up to ``room`` + 1."""
+    z, done, left = zlib.decompressobj(), 0, nbytes
+    try:
+        while left and done <= room:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                raise DataError(f"{path}: a compressed variable is cut short; the file is truncated or damaged")
+            left -= len(chunk)
+            while chunk and done <= room:
+                done += len(z.decompress(chunk, 1 << 22))
+                chunk = z.unconsumed_tail
+    except zlib.error as e:
+        raise DataError(f"{path}: a compressed variable is damaged (zlib: {e})") from None
+    f.seek(left, 1)
+    return done
 
 
 def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -166,6 +220,7 @@ def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
         import scipy.io
     except ImportError:
         raise DataError(f"{path}: reading SVHN .mat files needs scipy (pip install scipy)") from None
+    check_mat_size(path, MAX_SVHN_BYTES)
     try:
         d = scipy.io.loadmat(str(path))
     except Exception as e:  # noqa: BLE001 - loadmat raises ValueError, TypeError, OSError...
@@ -251,19 +306,26 @@ def open_image(path: Path, where: str) -> Image.Image:
     """An image file decoded to RGB; errors name ``where`` (the list line) and the file."""
     try:
         with Image.open(path) as im:
+            w, h = im.size  # from the header: checked before anything is decoded
+            if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+                raise DataError(f"{where}: image {path} is {h}x{w} (HxW), an aspect ratio above {MAX_ASPECT}:1; refusing to resize it")
+            if w * h > MAX_PIXELS:
+                raise DataError(f"{where}: image {path} is {h}x{w} (HxW), more than {MAX_PIXELS:,} pixels; refusing to decode it")
             im.load()
-            return im.convert("RGB")
+            return to_mode(im, "RGB")
+    except DataError:
+        raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{where}: cannot read image {path} ({e})") from None
 
 
-def fit_square(image, size: int) -> Image.Image:
+def fit_square(image, size: int, where: str = "image") -> Image.Image:
     """RGB ``size``×``size``: shorter side resized to ``size`` (bilinear), then the centre cropped,
     as OpenOOD's test preprocessing (``Resize(size)`` + ``CenterCrop(size)``); the ``fit`` rule of
     ``writer.resize_to``."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    return resize_to(to_mode(image, "RGB"), (size, size), "fit")
+    return resize_to(to_mode(image, "RGB"), (size, size), "fit", where)
 
 
 def iter_arrays(images: np.ndarray, labels: Sequence[int], where: str) -> Iterator[tuple[np.ndarray, int, str]]:

@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,24 @@ def write_shards(
     if upload is not None:
         upload.send(out_dir / "manifest.json")
     return manifest
+
+
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock (POSIX flock); a no-op where one cannot be taken."""
+    try:
+        import fcntl
+
+        f = open(path, "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def remove_stale(folder: Path, prefix: str) -> None:
