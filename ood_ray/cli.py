@@ -157,7 +157,6 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
 def cmd_demo(ns: argparse.Namespace) -> int:
     import os
-    import subprocess
 
     from .config import default_tracking_uri
     from .serving import demo
@@ -165,18 +164,15 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     if not 1 <= ns.port <= 65535:
         raise ConfigError(f"--port {ns.port}: choose a port in [1, 65535]")
     tracking = ns.tracking_uri or default_tracking_uri()
-    env = {**os.environ, demo.ENV["tracking_uri"]: tracking}
+    os.environ[demo.ENV["tracking_uri"]] = tracking  # the page runs in this process and reads them
     if ns.model:
         local = Path(ns.model)
-        env[demo.ENV["model"]] = str(local.resolve()) if local.exists() else ns.model
+        os.environ[demo.ENV["model"]] = str(local.resolve()) if local.exists() else ns.model
     if ns.mlflow_ui:
-        env[demo.ENV["ui"]] = ns.mlflow_ui
-    app = Path(demo.__file__).with_name("demo_app.py")
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(ns.port), "--server.address", ns.address,
-           "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+        os.environ[demo.ENV["ui"]] = ns.mlflow_ui
     which = ns.model or "the newest registered ood-ray-* model"
     print(f"ood-ray demo at http://{ns.address}:{ns.port} (model: {which}; tracking {redact(tracking)}); Ctrl-C stops it", flush=True)
-    return subprocess.call(cmd, env=env)
+    return demo.serve(str(Path(demo.__file__).with_name("demo_app.py")), ns.port, ns.address)
 
 
 def cmd_toy(ns: argparse.Namespace) -> int:

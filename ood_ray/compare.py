@@ -177,7 +177,7 @@ def compare_methods(
     client = MlflowClient(base.mlflow_uri)
     exp_id = tracking.ensure_experiment(client, base.experiment)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    parent = client.create_run(exp_id, run_name=f"compare-{stamp}", tags={"ood_ray.kind": "comparison"})
+    parent = tracking.open_run(client, exp_id, f"compare-{stamp}", tags={"ood_ray.kind": "comparison"})
     pid = parent.info.run_id
     say(f"compare: MLflow parent run {pid}; {len(methods)} methods x {seeds} seed(s)" + (f", each tuned with {tune_trials} trials" if tune_trials else ", untuned defaults"))
     client.log_batch(pid, params=tracking.params_of({"methods": ",".join(methods), "tune_trials": tune_trials, "seeds": seeds, **{k: v for k, v in base.to_dict().items() if k not in ("method", "method_params", "run_name")}}))

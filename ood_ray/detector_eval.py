@@ -197,7 +197,7 @@ def _log(table: DetectorTable, tracking_uri: str, experiment: str, bench: Benchm
     tracking.check_tracking(tracking_uri)
     client = MlflowClient(tracking_uri)
     exp_id = tracking.ensure_experiment(client, experiment)
-    run = client.create_run(exp_id, run_name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}", tags={"ood_ray.kind": "detector-evaluation", "ood_ray.checkpoint": redact(table.checkpoint), "ood_ray.method": table.method})
+    run = tracking.open_run(client, exp_id, f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}", tags={"ood_ray.kind": "detector-evaluation", "ood_ray.checkpoint": redact(table.checkpoint), "ood_ray.method": table.method})
     run_id = run.info.run_id
     params = {"detectors": ",".join(table.rows[1:]), **{f"{r}.{k}": v for r, p in table.params.items() for k, v in p.items()}}
     client.log_batch(run_id, params=tracking.params_of(params))

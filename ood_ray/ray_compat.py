@@ -10,7 +10,9 @@ is when each entry here needs a look. Entries:
   ``_completed_trials``;
 * environment settings Ray reads but does not document: the Train controller's poll interval,
   the preemption watcher, Tune's experiment-state snapshot interval and its function-trial
-  reuse timeout (``set_*`` functions; a value already in the environment always wins).
+  reuse timeout (``set_*`` functions; a value already in the environment always wins);
+* ``stop_orphaned_agents``: the process titles of a Ray node's agents, and that the raylet
+  (process name ``raylet``) is their parent.
 """
 
 from __future__ import annotations
@@ -91,6 +93,37 @@ def set_trial_reuse_timeout(seconds: float = 600) -> None:
     one training step, but an evaluation in progress finishes first, and Tune's default wait for
     that (2 s) would fail the reuse and so the next trial."""
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(seconds))
+
+
+#: Process titles of the agents a raylet starts (``ray::<name>``), and the raylet's process name.
+AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+RAYLET = "raylet"
+
+
+def stop_orphaned_agents() -> list[int]:
+    """SIGKILL this user's Ray node agents whose raylet is gone; their pids.
+
+    When a driver that started a local Ray is killed (SIGKILL), its GCS and raylet die with it, but
+    the dashboard agent and the runtime-env agent, once they see their raylet gone, spend 60 s
+    trying to report that to the dead GCS (Ray 2.60 ``publish_error_to_driver``; SIGTERM does not
+    reach them meanwhile) before they exit. A raylet is the parent of its agents, so an agent whose
+    parent is no longer a raylet is orphaned; agents of a live node are never touched.
+    """
+    import psutil
+
+    killed = []
+    for p in psutil.process_iter(["cmdline", "uids"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if not cmd or not cmd[0].startswith(AGENTS) or p.info["uids"].real != os.getuid():
+                continue
+            parent = p.parent()
+            if parent is None or parent.name() != RAYLET:
+                p.kill()
+                killed.append(p.pid)
+        except psutil.Error:
+            continue  # gone meanwhile, or not ours to inspect
+    return killed
 
 
 def wait_for_forwarded_reports(session, settle_s: float = 0.2, timeout_s: float = 120.0) -> None:

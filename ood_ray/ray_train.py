@@ -20,6 +20,7 @@ from .config import TrainConfig
 from .data.manifest import Benchmark
 from .engine import train_loop
 from .engine.build import load_benchmark
+from .progress import say
 
 
 @contextlib.contextmanager
@@ -133,5 +134,8 @@ def ensure_ray() -> None:
         # Joins the cluster under `ray job submit` (RAY_ADDRESS is set), else starts a local Ray.
         if not os.environ.get("RAY_ADDRESS"):
             ray_compat.disable_preemption_watcher()  # one local node: nothing to watch
+        stopped = ray_compat.stop_orphaned_agents()  # left for ~60 s by a killed driver's local Ray
+        if stopped:
+            say(f"stopped {len(stopped)} Ray agent process(es) of a Ray node that is gone (pids {', '.join(map(str, stopped))})")
         ray.init(log_to_driver=True)
     ray_compat.check_version()

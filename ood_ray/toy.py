@@ -187,11 +187,11 @@ def _log_mlflow(uri: str, experiment: str, seed: int, results: dict[str, dict], 
     """One MLflow run: ``<method>.<param>`` params and seed, per-method metrics, the PNG artifact."""
     from mlflow.tracking import MlflowClient
 
-    from .tracking import check_tracking, ensure_experiment, log_metrics, params_of
+    from .tracking import check_tracking, ensure_experiment, log_metrics, open_run, params_of
 
     check_tracking(uri)
     client = MlflowClient(uri)
-    run = client.create_run(ensure_experiment(client, experiment), run_name=f"toy-seed{seed}", tags={"ood_ray.kind": "toy"})
+    run = open_run(client, ensure_experiment(client, experiment), f"toy-seed{seed}", tags={"ood_ray.kind": "toy"})
     run_id = run.info.run_id
     try:
         client.log_batch(run_id, params=params_of({"seed": seed, **{m: r["params"] for m, r in results.items()}}))

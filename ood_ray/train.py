@@ -54,7 +54,7 @@ def run_training(cfg: TrainConfig, tags: dict[str, str] | None = None) -> TrainO
     tracking.check_tracking(cfg.mlflow_uri)
     client = MlflowClient(cfg.mlflow_uri)
     exp_id = tracking.ensure_experiment(client, cfg.experiment)
-    run = client.create_run(exp_id, run_name=cfg.run_name, tags={"ood_ray.method": cfg.method, "ood_ray.backbone": cfg.backbone, "ood_ray.data": bench.path, **(tags or {})})
+    run = tracking.open_run(client, exp_id, cfg.run_name, tags={"ood_ray.method": cfg.method, "ood_ray.backbone": cfg.backbone, "ood_ray.data": bench.path, **(tags or {})})
     run_id = run.info.run_id
     say(f"MLflow run {run_id} in experiment {cfg.experiment!r} at {cfg.mlflow_uri}")
     client.log_batch(run_id, params=tracking.params_of(cfg.to_dict()))

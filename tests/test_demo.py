@@ -8,6 +8,7 @@ registered twice in a sqlite MLflow store. What the page must answer for an imag
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -184,6 +185,56 @@ def wait_for(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
     raise AssertionError(f"{url} did not answer within {timeout:.0f}s")
 
 
+def process_tree(proc: subprocess.Popen) -> list:
+    import psutil
+
+    return [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+
+
+def port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def stopped(proc: subprocess.Popen, tree: list, port: int, timeout: float = 10.0) -> tuple[bool, list[int]]:
+    """After a signal to ``proc``: (whether it exited within ``timeout``, the pids of its process
+    tree still running or its port still open); whatever is left is killed."""
+    import psutil
+
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and (port_open(port) or any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree)):
+        time.sleep(0.1)
+    left = [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in tree:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    proc.wait(timeout=10)
+    return proc.returncode is not None and not left and not port_open(port), left
+
+
+def test_sigterm_stops_the_server_even_after_its_output_reader_is_gone(tmp_path):
+    """``ood-ray demo`` serves the page in its own process: SIGTERM (a process manager, docker stop)
+    ends the server and frees the port, also when the reader of its output pipe is gone (Streamlit
+    prints "Stopping..." before it stops)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ood_ray.cli", "demo", "--tracking-uri", f"sqlite:///{tmp_path / 'empty.db'}", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    wait_for(f"http://127.0.0.1:{port}/_stcore/health", proc)
+    tree = process_tree(proc)
+    proc.stdout.close()  # the reader goes away: a closed terminal, an ended `| tee`
+    proc.terminate()
+    assert stopped(proc, tree, port) == (True, []), f"port {port} or processes {[p.pid for p in tree]} left after SIGTERM"
+    assert proc.returncode == 0
+
+
 @pytest.fixture()
 def browser():
     """Headless Debian Chromium under Playwright: no browser download, no network."""
@@ -223,8 +274,10 @@ def test_real_browser_uploads_answer_class_and_dont_know(trained, browser, tmp_p
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
     finally:
+        tree = process_tree(proc)
         proc.terminate()
-        proc.wait(timeout=30)
+        gone = stopped(proc, tree, port)
+    assert gone == (True, []), f"after SIGTERM (exited, processes left serving port {port}): {gone}"
     assert (ARTIFACTS / "demo.png").stat().st_size > 10_000
 
 

@@ -257,15 +257,20 @@ def test_resume_after_the_driver_is_killed(ray_session, digits_ood, tmp_path, ru
     other = "train" if runner == "tune" else "tune"  # resuming on the other path is refused before Ray is touched
     assert main(["tune", *args[:-2], "--trial-runner", other, "--resume"]) == 2
     assert f"started its trials with trial_runner='{runner}'" in capsys.readouterr().err
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("sweeps").experiment_id
+    # the killed driver's runs were closed when the next sweep command started; --resume reopens them
+    (parent,) = client.search_runs([exp], "tags.`ood_ray.kind` = 'sweep'")
+    assert parent.info.status == "FAILED" and parent.data.tags["ood_ray.error"].startswith(f"driver lost: its driver (pid {proc.pid} on ")
+    assert not client.search_runs([exp], "attributes.status = 'RUNNING'")
     assert main(["tune", *args, "--resume"]) == 0, (tmp_path / "first.log").read_text()[-3000:]
     study = optuna.load_study(study_name="rs", storage=study_db)
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 3
     assert all(t.state.is_finished() for t in study.trials), [t.state for t in study.trials]
     # the resumed sweep does not enqueue the untuned default point again (it ran once, as trial 0)
     assert sum(t.params == {"lr": 0.05, "weight_decay": 0.0005} for t in study.trials) == 1, [t.params for t in study.trials]
-    client = MlflowClient(uri)
-    parents = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id], "tags.`ood_ray.kind` = 'sweep'")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parents = client.search_runs([exp], "tags.`ood_ray.kind` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and "ood_ray.error" not in parents[0].data.tags
     runs = child_runs(uri, parents[0].info.run_id)
     children = [r for r in runs if r.info.status == "FINISHED"]
     # a trial the killed driver started but Tune never saved is closed, saying so, not left RUNNING

@@ -1,13 +1,15 @@
 """What the "Don't know" demo page shows, without Streamlit: models, samples, answers, provenance.
 
 ``ood_ray/serving/demo_app.py`` is the page; everything it computes lives here, so it is tested
-as plain Python and the page stays a layout. ``ood-ray demo`` (``cli.cmd_demo``) starts the page
-with ``streamlit run`` and passes its settings in the environment variables of ``ENV``.
+as plain Python and the page stays a layout. ``ood-ray demo`` (``cli.cmd_demo``) serves the page
+with Streamlit in its own process (``serve``) and passes its settings in the environment variables
+of ``ENV``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -168,3 +170,58 @@ def provenance(predictor: OODPredictor, uri: str, tracking_uri: str, ui: str | N
     except Exception as e:  # noqa: BLE001 - provenance is informative; say why it is missing
         info["note"] = f"run details unavailable: {type(e).__name__}: {e}"
     return info
+
+
+class _SurvivesClosedReader:
+    """A text stream (stdout, stderr) that writes into /dev/null once the reader of its pipe is gone."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _to_devnull(self) -> None:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, self._stream.fileno())
+        finally:
+            os.close(null)
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+            self._stream.flush()  # what was buffered goes to /dev/null
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def serve(app: str, port: int, address: str) -> int:
+    """Serve the page ``app`` with Streamlit in this process until SIGTERM or SIGINT; its exit code.
+
+    In this process rather than a child, so that a signal to ``ood-ray demo`` (a process manager,
+    ``docker stop``, Ctrl-C) reaches the server itself and nothing is left serving. Its stdout and
+    stderr survive their reader going away (``ood-ray demo | tee log`` ended, a parent gone):
+    Streamlit prints "Stopping..." before it stops, and that print failing on a closed pipe
+    (BrokenPipeError in its signal handler) used to leave the server running, deaf to SIGTERM.
+    """
+    from streamlit.web import cli as streamlit_cli
+
+    args = ["run", app, "--server.port", str(port), "--server.address", address, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    saved = sys.stdout, sys.stderr, sys.argv
+    sys.stdout, sys.stderr = _SurvivesClosedReader(sys.stdout), _SurvivesClosedReader(sys.stderr)
+    sys.argv = ["streamlit", *args]
+    try:
+        streamlit_cli.main(args=args, prog_name="streamlit")
+    except SystemExit as e:  # click ends its command with sys.exit
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.stdout, sys.stderr, sys.argv = saved
+    return 0

@@ -6,6 +6,7 @@ Only driver-side processes write to MLflow. ``from ood_ray import tracking`` giv
 """
 
 from ..config import TrackingError
+from .liveness import close_dead_runs, open_run
 from .store import (
     artifact_root,
     browse_hint,
@@ -27,10 +28,12 @@ __all__ = [
     "browse_hint",
     "check_server",
     "check_tracking",
+    "close_dead_runs",
     "ensure_experiment",
     "is_unreachable",
     "log_metrics",
     "log_pytorch_model",
+    "open_run",
     "params_of",
     "set_tag",
     "sqlite_file",

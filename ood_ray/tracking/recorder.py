@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from ..progress import say
-from . import provenance
+from . import liveness, provenance
 from .store import log_metrics, params_of, set_tag
 
 TRIAL_TAG = "ood_ray.trial_id"
@@ -198,14 +198,17 @@ class SweepRecorder(tune.Callback):
             run_id = found[0].info.run_id
             hist = self.client.get_metric_history(run_id, "epoch")
             self.logged[tid] = int(max((m.step for m in hist), default=0))
-            if found[0].info.status != "RUNNING" and tid not in self.ends:
+            reopen = found[0].info.status != "RUNNING" and tid not in self.ends
+            if reopen or found[0].info.status == "RUNNING" or liveness.was_lost(found[0]):
+                liveness.claim(self.client, found[0])  # this driver's now (a resumed sweep)
+            if reopen:
                 self.client.update_run(run_id, status="RUNNING")
         elif tid in self.configs:
             cfg = self.config_of(self.configs[tid])
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=f"{self.sweep_name}-{tid}",
-                tags={PARENT_TAG: self.parent, TRIAL_TAG: tid, SWEEP_TAG: self.sweep_name, "ood_ray.method": cfg.method, **provenance.tags()},
+                tags={PARENT_TAG: self.parent, TRIAL_TAG: tid, SWEEP_TAG: self.sweep_name, "ood_ray.method": cfg.method, **provenance.tags(), **liveness.driver_tags()},
             )
             run_id = run.info.run_id
             if self.dataset is not None:

@@ -135,8 +135,10 @@ def log_best_model(client: MlflowClient, run_id: str, checkpoint_path: str, regi
     import mlflow
 
     from ..serving import log_ood_model
+    from ..tracking import liveness
 
     mlflow.set_tracking_uri(client.tracking_uri)
+    liveness.claim(client, client.get_run(run_id))  # RUNNING for a moment: under this process's name
     with ray.train.Checkpoint(checkpoint_path).as_directory() as d, mlflow.start_run(run_id=run_id):
         info = log_ood_model(d, name="model", registered_model_name=register)
     client.set_terminated(run_id, client.get_run(run_id).info.status)

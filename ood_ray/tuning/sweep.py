@@ -22,7 +22,7 @@ from ..methods import METHODS
 from ..objective import objective_metrics
 from ..progress import say
 from ..ray_train import ensure_ray
-from ..tracking import provenance
+from ..tracking import liveness, provenance
 from ..tracking.recorder import PARENT_TAG, SWEEP_TAG, TRIAL_TAG, SweepRecorder, trial_id_of
 from .config import SweepConfig
 from .report import SweepOutcome, finish_sweep
@@ -121,6 +121,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
     exp_path = f"{base.storage_path.rstrip('/')}/{name}"
     client = MlflowClient(base.mlflow_uri)
     exp_id = tracking.ensure_experiment(client, base.experiment)
+    tracking.close_dead_runs(client)  # this sweep's own runs too, when its killed driver left them RUNNING
     parent = find_parent(client, exp_id, name)
     if sweep.resume:
         if "://" not in exp_path and not Path(exp_path, "tuner.pkl").exists():
@@ -131,7 +132,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         raise ConfigError(f"name={name!r}: a sweep of that name exists in {exp_path}; pass --resume to continue it or choose another name")
     space = SearchSpace(sweep.method, base.lr)
     if parent is None:
-        parent = client.create_run(exp_id, run_name=name, tags={SWEEP_TAG: name, "ood_ray.kind": "sweep", "ood_ray.method": sweep.method})
+        parent = client.create_run(exp_id, run_name=name, tags={SWEEP_TAG: name, "ood_ray.kind": "sweep", "ood_ray.method": sweep.method, **liveness.driver_tags()})
         args = {k: v for k, v in sweep.to_dict().items() if k != "base"}
         args["trial_runner"] = sweep.runner  # the path chosen, also when it was "auto"
         args["grace_period"] = sweep.grace  # the value used, also when it was derived
@@ -149,6 +150,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
                 f"resume: sweep {name!r} started its trials with trial_runner={started!r}, this command would use {sweep.runner!r}; "
                 f"pass the same --num-workers (and --trial-runner) as when the sweep started"
             )
+        liveness.claim(client, parent)  # this process drives it now (before it is RUNNING again)
         client.update_run(parent.info.run_id, status="RUNNING")
     parent_id = parent.info.run_id
     say(f"sweep {name!r}: MLflow parent run {parent_id} in experiment {base.experiment!r} at {base.mlflow_uri}")
@@ -265,7 +267,8 @@ def close_orphans(sweep: SweepConfig, client: MlflowClient, parent_id: str, know
     """After a resumed sweep: close what a killed driver started but Tune never saved.
 
     Such a trial is unknown to the restored Tuner, so it never runs again: its Optuna trial is
-    marked FAIL and its MLflow run KILLED, both saying why, instead of staying RUNNING for ever.
+    marked FAIL and its MLflow run KILLED, both saying why, instead of staying RUNNING for ever (or
+    FAILED as a run whose driver was lost, ``tracking.liveness``).
     """
     import optuna
 
@@ -275,7 +278,8 @@ def close_orphans(sweep: SweepConfig, client: MlflowClient, parent_id: str, know
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             say(f"Optuna trial {t.number} was interrupted before the sweep's state was saved; marked FAIL")
     exp = client.get_run(parent_id).info.experiment_id
-    for run in client.search_runs([exp], f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'"):
-        if run.data.tags.get(TRIAL_TAG) not in known:
+    for run in client.search_runs([exp], f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status != 'FINISHED'"):
+        left = run.info.status == "RUNNING" or liveness.was_lost(run)  # closed at the start: its driver was gone
+        if left and run.data.tags.get(TRIAL_TAG) not in known:
             tracking.set_tag(client, run.info.run_id, "ood_ray.outcome", "interrupted before the sweep's state was saved; not resumed")
             client.set_terminated(run.info.run_id, "KILLED")
