@@ -29,7 +29,7 @@ import torch
 from .config import TrainConfig
 from .methods import Method, get_method
 from .methods.with_detector import WithDetector
-from .models import Classifier, build_backbone
+from .models import Classifier, Preprocess, build_backbone
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -45,11 +45,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def model_meta(cfg: TrainConfig, class_names: list[str], image_size, mode: str, scoring=None) -> dict:
+def model_meta(cfg: TrainConfig, class_names: list[str], image_size, mode: str, scoring=None, model=None) -> dict:
     """The ``model.json`` of a model trained with ``cfg`` on images of ``mode`` and ``image_size``.
 
     ``scoring``: the ``WithDetector`` chosen after training, whose detector then gives the
-    default and threshold scores and δ (recorded under ``detector``: name, parameters, δ)."""
+    default and threshold scores and δ (recorded under ``detector``: name, parameters, δ).
+    ``model``: the ``Classifier``, whose preprocessing (``preprocess``) and starting weights
+    (``pretrained``: source, file, sha256) are recorded."""
     m = get_method(cfg.method, cfg.method_params)
     meta = {
         "method": cfg.method,
@@ -63,7 +65,14 @@ def model_meta(cfg: TrainConfig, class_names: list[str], image_size, mode: str, 
         "delta": m.params.get("delta"),
         "exported_output": m.exported_output,
         "normalization": "x / 127.5 - 1 on uint8 pixels",
+        "head_pooling": cfg.head_pooling,
     }
+    prep = getattr(model, "preprocess", None)
+    if prep is not None:
+        meta["preprocess"] = prep.to_dict()
+        meta["normalization"] = prep.describe()
+    if getattr(model, "weights_record", None):
+        meta["pretrained"] = model.weights_record
     if isinstance(scoring, WithDetector):
         meta.update(default_score=scoring.default_score, threshold_score=scoring.threshold_score, delta=scoring.delta, detector=scoring.describe())
     return meta
@@ -157,6 +166,14 @@ def check_meta(meta: dict, path: Path) -> None:
             raise ValueError(f"{path}: {key}={value!r}; expected a finite number or null")
 
 
+def preprocess_of(meta: dict, meta_path: Path | str = META_FILE) -> Preprocess:
+    """The preprocessing a ``model.json`` records; ``x / 127.5 - 1`` at the stored size when it
+    records none (checkpoints written before models carried their preprocessing)."""
+    if "preprocess" in meta:
+        return Preprocess.from_dict(meta["preprocess"], f"{meta_path}: preprocess")
+    return Preprocess.scaled(MODE_CHANNELS[meta["mode"]])
+
+
 def method_of(meta: dict) -> Method:
     """The method object of a checkpoint's ``model.json`` dict, with the parameters it was trained with."""
     return get_method(meta["method"], meta["method_params"])
@@ -182,9 +199,8 @@ def load_model_dir(directory: str | os.PathLike) -> tuple[Classifier, dict, Trai
     cfg = config_from_dict(read_json(cfg_path), cfg_path)
     try:
         method = method_of(meta)
-        backbone = build_backbone(
-            meta["backbone"], MODE_CHANNELS[meta["mode"]], tuple(meta["image_size"])
-        )
+        prep = preprocess_of(meta, meta_path)
+        backbone = build_backbone(meta["backbone"], prep.channels, prep.input_size(tuple(meta["image_size"])), pooling=meta.get("head_pooling", "avg"))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{meta_path}: {e}") from None
     if not state_path.is_file():
@@ -201,7 +217,7 @@ def load_model_dir(directory: str | os.PathLike) -> tuple[Classifier, dict, Trai
     with torch.device("meta"):  # shapes only: nothing is allocated for the head model.json describes
         shapes = Classifier(backbone, method.make_head(backbone.num_features, num_classes)).state_dict()
     check_weights(state["model"], shapes, state_path, f"{meta_path.name} ({num_classes} class names)")
-    model = Classifier(backbone, method.make_head(backbone.num_features, num_classes))
+    model = Classifier(backbone, method.make_head(backbone.num_features, num_classes), preprocess=prep)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

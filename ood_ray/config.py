@@ -74,6 +74,7 @@ LIMITS = {
     "max_failures": 1000,
     "seed": 2**32 - 1,
     "data_seed": 2**32 - 1,
+    "input_size": 4096,
 }
 
 
@@ -86,10 +87,18 @@ class TrainConfig:
     data_seed: int = 0  # seed of the embedded benchmark (only when data is None)
     method_params: dict = field(default_factory=dict)  # method hyperparameters (see the method registry)
     init_checkpoint: str | None = None  # fine-tune: start from this checkpoint's weights (e.g. OE from a baseline)
+    pretrained: str | None = None  # backbone weights: "imagenet" (torchvision:/timm: backbones) or a weights FILE (docs/finetune.md)
+    input_size: int | None = None  # the network's input size (pixels); None = the backbone's own (224 for torchvision/timm) or the stored size
+    # fine-tuning
+    freeze_backbone: bool = False  # train the head only (a linear probe); the backbone also keeps its BatchNorm statistics
+    backbone_lr_scale: float = 1.0  # the backbone's learning rate is lr x this (0 = frozen weights, BatchNorm statistics still adapt)
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up from lr/100 over this many epochs, then the schedule
+    head_pooling: str = "avg"  # avg | avgmax (global max and average pooling concatenated, the OE article's MobileNetV2 head)
+    head_dropout: float = 0.0  # dropout on the features before the head while training (the OE article: 0.5)
     # optimisation
     epochs: int = 15
     batch_size: int = 32  # global batch: split evenly over the workers
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: str = "sgd"  # sgd | adam | adamw (momentum and nesterov apply to sgd only)
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = True
@@ -130,7 +139,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         from .methods import METHODS
-        from .models import BACKBONES
+        from .models import check_backbone_name
 
         def bad(name, why):
             raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
@@ -184,15 +193,27 @@ class TrainConfig:
                 bad(f.name, "must be finite")
         if self.method not in METHODS:
             bad("method", f"unknown method; choose one of: {', '.join(sorted(METHODS))}")
-        if self.backbone not in BACKBONES:
-            bad("backbone", f"unknown backbone; choose one of: {', '.join(sorted(BACKBONES))}")
+        try:
+            check_backbone_name(self.backbone)
+        except ValueError as e:
+            bad("backbone", str(e))
         for name in ("epochs", "batch_size", "num_workers", "eval_batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
         if self.batch_size % self.num_workers:
             bad("batch_size", f"must be divisible by num_workers={self.num_workers} (it is the global batch)")
-        if self.optimizer not in ("sgd", "adamw"):
-            bad("optimizer", "choose sgd or adamw")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            bad("optimizer", "choose sgd, adam or adamw")
+        if self.head_pooling not in ("avg", "avgmax"):
+            bad("head_pooling", "choose avg or avgmax")
+        if not 0.0 <= self.head_dropout < 1.0:
+            bad("head_dropout", "must lie in [0, 1)")
+        if self.backbone_lr_scale < 0:
+            bad("backbone_lr_scale", "must be >= 0 (0 leaves the backbone's weights as they start)")
+        if not 0.0 <= self.warmup_epochs < self.epochs:
+            bad("warmup_epochs", f"must lie in [0, epochs={self.epochs})")
+        if self.input_size is not None and self.input_size < 8:
+            bad("input_size", "must be >= 8 pixels (or null for the backbone's own)")
         if self.precision not in ("fp32", "bf16"):
             bad("precision", "choose fp32 or bf16")
         if self.schedule not in ("cosine", "step", "none"):
@@ -208,7 +229,7 @@ class TrainConfig:
                 bad(name, "must be >= 0")
         # sane upper bounds, checked here rather than failing (or stalling) inside the workers
         for name, most in LIMITS.items():
-            if getattr(self, name) > most:
+            if getattr(self, name) is not None and getattr(self, name) > most:
                 bad(name, f"must be <= {most}")
         if not 0.0 <= self.momentum < 1.0:
             bad("momentum", "must lie in [0, 1)")
@@ -255,6 +276,16 @@ class TrainConfig:
 
             if not is_checkpoint(self.init_checkpoint):
                 bad("init_checkpoint", f"not a checkpoint folder (no {STATE_FILE} in it)")
+        if self.pretrained is not None:
+            if self.pretrained.strip() == "":
+                bad("pretrained", "must be 'imagenet' or a weights file")
+            if self.pretrained != "imagenet":
+                self.pretrained = absolute("pretrained")
+                p = Path(self.pretrained)
+                if not (p.is_file() or (p / "state.pt").is_file()):
+                    bad("pretrained", "no such weights file (or checkpoint folder with a state.pt)")
+            elif not self.backbone.startswith(("torchvision:", "timm:")):
+                bad("pretrained", f"backbone {self.backbone!r} has no published ImageNet weights; use torchvision:<name> or timm:<name>, or a weights file")
         if not self.storage_path:
             self.storage_path = str(results_dir() / "ray")
         elif "://" not in self.storage_path:  # s3://, gs://... pass through untouched

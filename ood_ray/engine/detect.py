@@ -51,7 +51,7 @@ def collect_features(model, method: Method, manifest: Manifest, rank: int, world
     stride = fit_stride(manifest, limit)
 
     def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        f = net.features(normalize(x, device))
+        f = net.features(normalize(x, device, net))
         return {"features": f, "logits": method.logits(net.head(f))}
 
     with torch.no_grad():
@@ -60,9 +60,10 @@ def collect_features(model, method: Method, manifest: Manifest, rank: int, world
     return out if limit is None else {k: v[:limit] for k, v in out.items()}
 
 
-def image_scores(det, manifest: Manifest, rank: int, world: int, device, batch_size: int) -> np.ndarray:
-    """Gathered scores of a detector that scores images (``needs_model``, ODIN) on ``manifest``."""
-    return gather(run_batches(manifest, rank, world, batch_size, lambda x: {"score": det.score(normalize(x, device))}), world)["score"]
+def image_scores(det, manifest: Manifest, rank: int, world: int, device, batch_size: int, model=None) -> np.ndarray:
+    """Gathered scores of a detector that scores images (``needs_model``, ODIN) on ``manifest``;
+    ``model``'s preprocessing prepares the images."""
+    return gather(run_batches(manifest, rank, world, batch_size, lambda x: {"score": det.score(normalize(x, device, model))}), world)["score"]
 
 
 class Scorer:
@@ -78,7 +79,7 @@ class Scorer:
     def scores(self, det) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """``(ID scores, {OOD set: scores})`` of ``det``."""
         if det.needs_model:
-            run = lambda m: image_scores(det, m, self.rank, self.world, self.device, self.bs)  # noqa: E731
+            run = lambda m: image_scores(det, m, self.rank, self.world, self.device, self.bs, self.model)  # noqa: E731
             return run(self.id_manifest), {n: run(m) for n, m in self.ood.items()}
         run = lambda out: det.score(torch.from_numpy(out["features"])).detach().double().cpu().numpy()  # noqa: E731
         return run(self.id), {n: run(out) for n, out in self.ood_feats.items()}

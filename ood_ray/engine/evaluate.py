@@ -18,8 +18,12 @@ from ..data.streams import eval_batches
 from ..methods import Method
 
 
-def normalize(x: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 N×C×H×W batch -> float in [-1, 1] on ``device``."""
+def normalize(x: torch.Tensor, device: torch.device | str = "cpu", model=None) -> torch.Tensor:
+    """uint8 N×C×H×W batch -> ``model``'s input on ``device`` (its ``preprocess``, eval steps);
+    without a model (or one without preprocessing): float in [-1, 1], ``x / 127.5 - 1``."""
+    net = unwrap(model) if model is not None else None
+    if net is not None and getattr(net, "preprocess", None) is not None:
+        return net.preprocess.eval_batch(x, device)
     return x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
 
 
@@ -45,7 +49,7 @@ def run_batches(manifest: Manifest, rank: int, world: int, batch_size: int, fn, 
 def collect(model, method: Method, manifest: Manifest, rank: int, world: int, device, batch_size: int) -> dict[str, np.ndarray]:
     """This rank's share of ``manifest``: method outputs (logits and scores), labels and keys."""
     model = unwrap(model).eval()
-    return run_batches(manifest, rank, world, batch_size, lambda x: method.eval_batch(model, normalize(x, device)))
+    return run_batches(manifest, rank, world, batch_size, lambda x: method.eval_batch(model, normalize(x, device, model)))
 
 
 def gather(local: dict[str, np.ndarray], world: int) -> dict[str, np.ndarray]:

@@ -31,10 +31,10 @@ from ..data.streams import (
 from ..methods import Method, StepResult, get_method
 from ..objective import objective_metrics, objective_value
 from ..progress import say
-from .build import build_model, load_benchmark, make_optimizer, make_scheduler
+from .build import build_model, keep_frozen_eval, load_benchmark, make_optimizer, make_scheduler
 from .detect import choose_detector
 from .distributed import all_reduce_mean, batches_in_step, sync_buffers
-from .evaluate import evaluate_split, normalize
+from .evaluate import evaluate_split
 from .posthoc import finish_method
 
 
@@ -129,20 +129,29 @@ def train_loop(cfg: TrainConfig, worker: Worker, bench: Benchmark | None = None)
         return
     if start and rank == 0:
         say(f"resuming after the checkpoint of epoch {start}")
-    meta = model_meta(cfg, bench.class_names, bench.train.image_size, bench.train.mode)
+    net = unwrap(model)
+    meta = model_meta(cfg, bench.class_names, bench.train.image_size, bench.train.mode, model=net)
+    prep, crop_gen = net.preprocess, torch.Generator().manual_seed(cfg.seed * 7919 + rank)
+    own_crop = prep.train_crop == "random-resized"  # the model crops and flips; the stream does neither
+    pad, flip = (0, False) if own_crop else (cfg.augment_pad, cfg.hflip)
+
+    def prepare(x):
+        return prep.train_batch(x, device, flip=cfg.hflip, generator=crop_gen).contiguous(memory_format=memory_format)
+
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     outliers = None
     if method.needs_outliers:
-        outliers = outlier_batches(bench.outlier, rank, world, method.outlier_batch(bs), seed=cfg.seed, epoch=start, shuffle_buffer=cfg.shuffle_buffer, augment_pad=cfg.augment_pad, hflip=cfg.hflip, loader_workers=cfg.loader_workers, cache_mb=cfg.decoded_cache_mb)
+        outliers = outlier_batches(bench.outlier, rank, world, method.outlier_batch(bs), seed=cfg.seed, epoch=start, shuffle_buffer=cfg.shuffle_buffer, augment_pad=pad, hflip=flip, loader_workers=cfg.loader_workers, cache_mb=cfg.decoded_cache_mb)
 
     def epoch_stream(e: int):
-        return train_batches(bench.train, rank, world, bs, e, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, augment_pad=cfg.augment_pad, hflip=cfg.hflip, loader_workers=cfg.loader_workers, cache_mb=cfg.decoded_cache_mb)
+        return train_batches(bench.train, rank, world, bs, e, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, augment_pad=pad, hflip=flip, loader_workers=cfg.loader_workers, cache_mb=cfg.decoded_cache_mb)
 
     upcoming = None  # with loader workers: the next epoch's stream, started during this epoch
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
+        keep_frozen_eval(cfg, model)
         loss_sum, n, logs_sum = 0.0, 0, {}
         batches, upcoming = upcoming or epoch_stream(epoch), None
         for x, y, _ in batches_in_step(batches, world, device, cfg.skip_bad_samples):
@@ -150,9 +159,9 @@ def train_loop(cfg: TrainConfig, worker: Worker, bench: Benchmark | None = None)
                 return
             if n == 0 and cfg.loader_workers > 0 and epoch + 1 < cfg.epochs:
                 upcoming = epoch_stream(epoch + 1)  # its workers fork and fill their shuffle buffers during this epoch
-            x = normalize(x, device).contiguous(memory_format=memory_format)
+            x = prepare(x)
             y = y.to(device, non_blocking=True)
-            x_out = normalize(next(outliers)[0], device).contiguous(memory_format=memory_format) if outliers is not None else None
+            x_out = prepare(next(outliers)[0]) if outliers is not None else None
             res = train_step(model, method, opt, sched, x, y, x_out, state, world, device, autocast)
             loss_sum += res.loss.item()
             n += 1
@@ -196,7 +205,7 @@ def train_loop(cfg: TrainConfig, worker: Worker, bench: Benchmark | None = None)
                 method, logs = choose_detector(model, method, cfg, bench, rank, world, device)
                 metrics.update(logs, **{"ood_ray.detector": method.detector.name})
                 cfg.detectors = [method.detector.name]
-            meta = model_meta(cfg, bench.class_names, bench.train.image_size, bench.train.mode, scoring=method)
+            meta = model_meta(cfg, bench.class_names, bench.train.image_size, bench.train.mode, scoring=method, model=net)
         metrics.update(evaluate_split(model, method, bench, "val", rank, world, device, cfg.eval_batch_size))
         metrics["objective"] = objective_value(metrics, cfg.objective, cfg.min_val_acc)
         if last and cfg.evaluate_test:

@@ -15,6 +15,10 @@ mobilenet_v2   torchvision MobileNetV2 features (``width_mult``,        1280
                ``small_input``: first conv stride 1 when the image is
                smaller than 64 px, automatic by default)
 ============== ======================================================== =========
+
+``torchvision:<name>`` and ``timm:<name>`` build any classification model of those libraries
+without its last linear layer (``models.external``); their preprocessing (input size, resize and
+crop, mean and std) comes from the model's default weights (``models.preprocess``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .external import ExternalBackbone, ModelSpecError, is_external
+from .preprocess import Preprocess, from_timm, from_torchvision
 from .backbones import (
     CifarResNet,
     MobileNetV2Features,
@@ -39,6 +45,12 @@ from .backbones import (
 
 __all__ = [
     "BACKBONES",
+    "ExternalBackbone",
+    "ModelSpecError",
+    "Preprocess",
+    "is_external",
+    "model_preprocess",
+    "check_backbone_name",
     "MIN_IMAGE_SIZE",
     "Classifier",
     "build_backbone",
@@ -78,6 +90,40 @@ def _check_image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
     return hw  # type: ignore[return-value]
 
 
+def check_backbone_name(name: str) -> None:
+    """Refuse a backbone name that cannot be built (ValueError naming it and the choices)."""
+    if is_external(name):
+        from .external import check_name
+
+        check_name(name)
+    elif not isinstance(name, str) or name not in BACKBONES:
+        raise ValueError(
+            f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}, torchvision:<name>, timm:<name>"
+        )
+
+
+def model_preprocess(name: str, channels: int, stored_size, input_size: int | None = None) -> Preprocess:
+    """The preprocessing of backbone ``name`` for images of ``channels`` stored at ``stored_size``:
+    the weights' transforms of a torchvision / timm model (at ``input_size`` when given), else
+    ``x / 127.5 - 1`` at the stored size (resized to ``input_size`` when given)."""
+    if name.startswith("torchvision:"):
+        from torchvision.models import get_model_weights
+
+        try:
+            weights = get_model_weights(name.partition(":")[2]).DEFAULT
+        except (ValueError, KeyError):
+            weights = None
+        if weights is not None:
+            return from_torchvision(weights, channels, input_size)
+        size = input_size or 224
+        return Preprocess(3, size=(size, size), resize=max(size, round(size * 256 / 224)), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), train_crop="random-resized", source="imagenet-default")
+    if name.startswith("timm:"):
+        from .external import full_model
+
+        return from_timm(full_model(name), name, input_size)
+    return Preprocess.scaled(channels, size=(input_size, input_size) if input_size else None)
+
+
 def build_backbone(
     name: str, in_channels: int, image_size: tuple[int, int] | int, **kwargs: Any
 ) -> nn.Module:
@@ -90,14 +136,26 @@ def build_backbone(
     for ``mobilenet_v2``, ``zero_init_residual`` for ``resnet18``); unknown
     ones raise ``TypeError``.
     """
-    if not isinstance(name, str) or name not in BACKBONES:
-        raise ValueError(
-            f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}"
-        )
+    check_backbone_name(name)
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels <= 0:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     hw = _check_image_size(image_size)
-    return BACKBONES[name](in_channels, hw, **kwargs)
+    pooling = kwargs.pop("pooling", "avg")
+    if is_external(name):
+        return ExternalBackbone(name, in_channels, hw, pooling=pooling, **kwargs)
+    net = BACKBONES[name](in_channels, hw, **kwargs)
+    if pooling != "avg":
+        net.pool = AvgMaxPool()
+        net.num_features *= 2
+    return net
+
+
+class AvgMaxPool(nn.Module):
+    """Global max and average pooling concatenated: ``N x C x H x W`` -> ``N x 2C x 1 x 1``
+    (the project's backbones flatten their ``pool`` output)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.amax(x, dim=(2, 3), keepdim=True), x.mean(dim=(2, 3), keepdim=True)], dim=1)
 
 
 class Classifier(nn.Module):
@@ -105,14 +163,18 @@ class Classifier(nn.Module):
 
     ``detector``: the fitted post-hoc detector (``ood_ray.detectors``) a checkpoint carries, set
     when it is loaded (None when it has none); it is not a module and not in the state_dict.
+    ``preprocess``: how uint8 images become its input (``Preprocess``; the project's ``x / 127.5 - 1``
+    by default); ``dropout``: the probability of zeroing a feature before the head while training.
     """
 
     detector = None
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, preprocess: Preprocess | None = None, dropout: float = 0.0) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.preprocess = preprocess
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
     def num_features(self) -> int:
@@ -122,5 +184,11 @@ class Classifier(nn.Module):
         """Backbone features ``N x num_features``."""
         return self.backbone(x)
 
+    def prepare(self, x: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """uint8 images -> this model's input on ``device`` (its eval preprocessing)."""
+        if self.preprocess is None:
+            return x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        return self.preprocess.eval_batch(x, device)
+
     def forward(self, x: torch.Tensor) -> Any:
-        return self.head(self.backbone(x))
+        return self.head(self.dropout(self.backbone(x)))

@@ -24,6 +24,7 @@ import torch
 
 from ..checkpoint import META_FILE, check_meta, load_model_dir, method_of
 from ..config import TrainConfig
+from ..engine.evaluate import normalize
 from ..methods.with_detector import scoring_method
 from .images import ImageInput
 
@@ -136,8 +137,7 @@ class OODPredictor(ImageInput):
         grad = torch.enable_grad() if self.method.eval_needs_grad else torch.no_grad()
         with grad:
             for i in range(0, len(batch), self.batch_size):
-                x = torch.from_numpy(batch[i : i + self.batch_size]).to(self.device)
-                x = x.float().div_(127.5).sub_(1.0)  # as ood_ray.engine.evaluate.normalize
+                x = normalize(torch.from_numpy(batch[i : i + self.batch_size]), self.device, self.model)  # the model's own preprocessing
                 out = self.method.eval_batch(self.model, x)
                 for k, v in out.items():
                     parts.setdefault(k, []).append(v.detach().float().cpu().numpy())
