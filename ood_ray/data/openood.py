@@ -1,29 +1,33 @@
-"""The OpenOOD v1.5 benchmarks (CIFAR-10, CIFAR-100, ImageNet-200), built from files already on disk.
+"""The OpenOOD v1.5 benchmarks (CIFAR-10, CIFAR-100, ImageNet-200, ImageNet-1K), built from files on disk.
 
 ``build_openood(id, root, out)`` writes one shard set per OpenOOD set into ``out/<set>/`` and a
 ``benchmark.json`` naming them; nothing is downloaded. Every set comes from one of two sources:
 
-1. OpenOOD's image list ``<root>/benchmark_imglist/<id>/<split>.txt`` (as OpenOOD's downloader lays
-   it out, with the images under ``<root>/images_classic/`` or ``<root>/images_largescale/``). When
-   the list is there it defines exactly which images are in the set: this is how v1.5 defines its
-   ID val/test splits, its OOD validation set and its near/far OOD test sets.
+1. OpenOOD's image list ``<root>/benchmark_imglist/<folder>/<split>.txt`` (``<folder>`` is the id,
+   ``imagenet`` for ``imagenet1k``), as OpenOOD's downloader lays it out, with the images under
+   ``<root>/images_classic/`` or ``<root>/images_largescale/``. When the list is there it defines
+   exactly which images are in the set: this is how v1.5 defines its ID val/test splits, its OOD
+   validation set and its near/far OOD test sets.
 2. Otherwise the publisher's own format under ``<root>`` (CIFAR python pickles, MNIST idx, SVHN
-   .mat, image folders), with deterministic rules (``docs/openood.md``, "Without the lists"). These
-   reproduce the structure and roughly the sizes of the v1.5 sets, not OpenOOD's exact image choice.
+   .mat, image folders, ImageNet's class folders), with deterministic rules (``docs/openood.md``,
+   "Without the lists"). These reproduce the structure and roughly the sizes of the v1.5 sets, not
+   OpenOOD's exact image choice.
 
 Sets (sub-folder, role, group) for ``cifar10`` (``cifar100`` swaps CIFAR-10 and CIFAR-100):
 ``id-train`` / ``id-val`` / ``id-test``; ``ood-val-tin`` (Tiny ImageNet, 20 classes);
 ``ood-test-cifar100`` and ``ood-test-tin`` (near); ``ood-test-mnist``, ``-svhn``, ``-texture``,
 ``-places365`` (far). For ``imagenet200``: the ID splits (lists only: ImageNet-200 is defined by
 them); ``ood-val-openimage_o``; ``ood-test-ssb_hard`` and ``-ninco`` (near); ``ood-test-inaturalist``,
-``-textures``, ``-openimage_o`` (far). OpenOOD v1.5 trains without auxiliary outliers; ``outlier``
+``-textures``, ``-openimage_o`` (far). ``imagenet1k`` has the same sets from the lists in
+``benchmark_imglist/imagenet/``, its ID splits also from ImageNet's own class folders (train, and
+val split into id-val / id-test). OpenOOD v1.5 trains without auxiliary outliers; ``outlier``
 (an image list such as OpenOOD's ``train_tin597.txt``, or an image folder) adds an ``outlier`` set
 for Outlier Exposure, else benchmark.json has ``"outlier": null``.
 
 Every image is converted to RGB and fit to ``image_size``² the way OpenOOD's test preprocessing
 does (shorter side resized, bilinear, then a centre crop): 32 for the CIFAR benchmarks, 64 by
-default for ImageNet-200 (OpenOOD itself uses 224 crops). ID labels are kept, OOD labels are -1;
-sample keys are ``<set>-<index>`` in list (or file) order. See ``docs/openood.md``.
+default for ImageNet-200 and ImageNet-1K (OpenOOD itself uses 224 crops). ID labels are kept, OOD
+labels are -1; sample keys are ``<set>-<index>`` in list (or file) order. See ``docs/openood.md``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from .openood_formats import (
     fit_square,
     folder_source,
     image_files,
+    imagenet_source,
     iter_arrays,
     list_source,
     mnist_source,
@@ -58,8 +63,8 @@ from .openood_formats import (
 )
 from .writer import file_lock, remove_stale, write_shards
 
-BENCHMARKS = ("cifar10", "cifar100", "imagenet200")
-DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "imagenet200": 64}
+BENCHMARKS = ("cifar10", "cifar100", "imagenet200", "imagenet1k")
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "imagenet200": 64, "imagenet1k": 64}
 CLASSIC, LARGESCALE = "images_classic", "images_largescale"
 SPEC_FILE = "benchmark.json"
 STAGING = ".build-openood-"  # + pid: the folder inside --out where a build writes before it swaps in
@@ -73,6 +78,11 @@ CIFAR = {
                  "names": "fine_label_names", "labels": "fine_labels", "classes": 100, "val_per_class": 10,
                  "hint": "the CIFAR-100 python version, cifar-100-python.tar.gz extracted into --root"},
 }  # fmt: skip
+IMAGENET = {  # --id: OpenOOD's list folder, the ID lists' stem, the native source of the ID sets (None: lists only)
+    "imagenet200": ("imagenet200", "imagenet200", None),
+    "imagenet1k": ("imagenet", "imagenet", "imagenet"),
+}
+
 
 @dataclass(frozen=True)
 class SetSpec:
@@ -100,12 +110,11 @@ class Built:
 
 def benchmark_sets(bench: str) -> list[SetSpec]:
     d = f"benchmark_imglist/{bench}/"
-    if bench == "imagenet200":
-        ls = LARGESCALE
+    if bench in IMAGENET:
+        folder, stem, native = IMAGENET[bench]
+        d, ls = f"benchmark_imglist/{folder}/", LARGESCALE
         return [
-            SetSpec("id-train", "train", "train", None, d + "train_imagenet200.txt", ls, None),
-            SetSpec("id-val", "val", "val", None, d + "val_imagenet200.txt", ls, None),
-            SetSpec("id-test", "test", "test", None, d + "test_imagenet200.txt", ls, None),
+            *(SetSpec(f"id-{r}", r, r, None, d + f"{r}_{stem}.txt", ls, native and f"{native}:{r}") for r in ("train", "val", "test")),
             SetSpec("ood-val-openimage_o", "ood-val", "openimage_o", "far", d + "val_openimage_o.txt", ls, "openimage_o:val"),
             SetSpec("ood-test-ssb_hard", "ood-test", "ssb_hard", "near", d + "test_ssb_hard.txt", ls, "ssb_hard"),
             SetSpec("ood-test-ninco", "ood-test", "ninco", "near", d + "test_ninco.txt", ls, "ninco"),
@@ -178,13 +187,16 @@ def native_source(native: str, root: Path, cache: dict) -> Source:
         return mnist_source(root)
     if name == "svhn":
         return svhn_source(root)
+    if name == "imagenet":
+        return imagenet_source(root, part, cache)
     return folder_source(root, name, part or None)
 
 
 #: Sets whose lists must be given together: a list for one and native files for another could put
 #: an image in both (e.g. ID val from a list, ID test from the native test batch).
 TOGETHER = {"cifar": (("id-train", "id-val", "id-test"), ("ood-val-tin", "ood-test-tin")),
-            "imagenet200": (("ood-val-openimage_o", "ood-test-openimage_o"),)}  # fmt: skip
+            "imagenet200": (("ood-val-openimage_o", "ood-test-openimage_o"),),
+            "imagenet1k": (("id-train", "id-val", "id-test"), ("ood-val-openimage_o", "ood-test-openimage_o"))}  # fmt: skip
 
 
 def plan(bench: str, root: Path, outlier: str | Path | None = None, cache: dict | None = None) -> list[tuple[SetSpec, Source]]:
@@ -195,7 +207,7 @@ def plan(bench: str, root: Path, outlier: str | Path | None = None, cache: dict 
         raise DataError(f"--root {root} is not a folder")
     cache = {} if cache is None else cache
     by_name = {s.subdir: s for s in specs}
-    for together in TOGETHER["imagenet200" if bench == "imagenet200" else "cifar"]:
+    for together in TOGETHER.get(bench, TOGETHER["cifar"]):
         have = [n for n in together if (root / by_name[n].imglist).is_file()]
         if have and len(have) != len(together):
             lacking = [str(root / by_name[n].imglist) for n in together if n not in have]
@@ -206,7 +218,7 @@ def plan(bench: str, root: Path, outlier: str | Path | None = None, cache: dict 
         if lst.is_file():
             src = list_source(read_image_list(lst, root / spec.data_dir), f"image list {spec.imglist}")
         elif spec.native is None:
-            raise DataError(f"{bench}: missing {lst} ({LISTS_HINT}; ImageNet-200's {spec.role} split is defined only by it, its images go in {root / spec.data_dir})")
+            raise DataError(f"{bench}: missing {lst} ({LISTS_HINT}; the {spec.role} split of {bench} is defined only by it, its images go in {root / spec.data_dir})")
         else:
             try:
                 src = native_source(spec.native, root, cache)
@@ -225,9 +237,9 @@ def _outlier_source(bench: str, root: Path, path: Path) -> Source:
         files = image_files(path)
         return Source(f"image folder {path}", len(files), lambda: ((f, OOD_LABEL, str(f)) for f in files))
     if path.is_file():
-        base = root / (LARGESCALE if bench == "imagenet200" else CLASSIC)
+        base = root / (LARGESCALE if bench in IMAGENET else CLASSIC)
         return list_source(read_image_list(path, base), f"image list {path}")
-    raise DataError(f"--outlier {path}: no such file or folder (an image list like OpenOOD's benchmark_imglist/{bench}/train_tin597.txt, or an image folder)")
+    raise DataError(f"--outlier {path}: no such file or folder (an image list like OpenOOD's benchmark_imglist/cifar10/train_tin597.txt, or an image folder)")
 
 
 def class_names(bench: str, root: Path, train: Source) -> list[str]:

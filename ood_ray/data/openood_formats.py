@@ -23,6 +23,9 @@ ready to be read by ``ood_ray.data.openood``.
   OOD images) or a Python dict literal with a ``label`` key, as OpenOOD's ``ImglistDataset`` reads it.
 * Image folders (DTD, Places365, Tiny ImageNet, NINCO, ...): every image file below a folder, in
   sorted path order.
+* ImageNet (ILSVRC2012) in class folders (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``, as
+  torchvision's ``ImageNet`` or the usual ``valprep.sh`` arranges them): the label of an image is the
+  index of its folder's wnid among the sorted training folders.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ MAX_PIXELS = 64_000_000  # per image file; ImageNet's largest val image has 7 Mp
 MAX_SVHN_BYTES = MAX_SVHN_IMAGES * 32 * 32 * 3 + (1 << 20)  # 615 MB; the test file inflates to 80 MB
 TIN_VAL_CLASS_STEP = 10  # native Tiny ImageNet: every 10th wnid (sorted) -> 20 ood-val classes
 OPENIMAGE_O_VAL_STEP = 10  # native OpenImage-O: every 10th file (sorted) -> ood-val
+IMAGENET_VAL_PER_CLASS = 5  # native ImageNet val: the first 5 files (sorted) of each class -> id-val
 
 
 class Missing(DataError):
@@ -414,3 +418,42 @@ def folder_source(root: Path, name: str, part: str | None = None) -> Source:
     what = "" if part is None else f" ({'every' if part == 'val' else 'all but every'} {OPENIMAGE_O_VAL_STEP}th image)"
     rel = folder.relative_to(root)
     return Source(f"{rel}{what}", len(files), lambda: ((f, OOD_LABEL, f"{rel}/{f.relative_to(folder)}") for f in files))
+
+
+IMAGENET_DIRS = ["imagenet", "ILSVRC/Data/CLS-LOC"]  # under --root, each holding train/<wnid>/ and val/<wnid>/
+IMAGENET_HINT = ("ImageNet (ILSVRC2012) in class folders, train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, "
+                 "in --root/imagenet/ or --root/ILSVRC/Data/CLS-LOC/")  # fmt: skip
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def imagenet_source(root: Path, part: str, cache: dict) -> Source:
+    """ImageNet from its class folders: ``train`` is every training image; ``val`` / ``test`` split
+    the validation images, the first ``IMAGENET_VAL_PER_CLASS`` of each class (sorted) / the others."""
+    train = need(root, [f"{d}/train" for d in IMAGENET_DIRS], IMAGENET_HINT, folder=True)
+    if ("imagenet-wnids", train) not in cache:
+        cache[("imagenet-wnids", train)] = [p.name for p in _class_folders(train)]
+    wnids = cache[("imagenet-wnids", train)]
+    if not wnids:
+        raise DataError(f"{train}: no class folders; expected one folder per class (<wnid>/*.JPEG)")
+    folder = train if part == "train" else need(train.parent, ["val"], IMAGENET_HINT, folder=True)
+    if part != "train" and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir()):
+        raise DataError(f"{folder}: images lie directly in the folder; this reader needs one sub-folder per class "
+                        "(val/<wnid>/ILSVRC2012_val_*.JPEG, as the widely used valprep.sh arranges them), or OpenOOD's "
+                        "lists val_imagenet.txt + test_imagenet.txt")  # fmt: skip
+    index = {w: i for i, w in enumerate(wnids)}
+    rel, k, items = folder.relative_to(root), IMAGENET_VAL_PER_CLASS, []
+    for d in _class_folders(folder):
+        if d.name not in index:
+            raise DataError(f"{d}: class folder {d.name!r} is not one of the {len(wnids)} training classes in {train}")
+        files = image_files(d)
+        files = files if part == "train" else files[:k] if part == "val" else files[k:]
+        items += [ListItem(f, index[d.name], f"{rel}/{d.name}/{f.relative_to(d)}") for f in files]
+    if not items and part == "test":
+        raise DataError(f"{folder}: no images left for the test set once the first {k} per class go to val; is it the full validation set?")
+    if not items:
+        raise DataError(f"{folder}: no class folders; expected one folder per class (<wnid>/*.JPEG)")
+    what = {"train": "all images", "val": f"first {k} per class", "test": f"all but the first {k} per class"}[part]
+    return list_source(items, f"{rel}/<wnid>/ ({what})")
