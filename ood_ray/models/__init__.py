@@ -29,8 +29,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .external import ExternalBackbone, ModelSpecError, is_external
-from .preprocess import Preprocess, from_timm, from_torchvision
 from .backbones import (
     CifarResNet,
     MobileNetV2Features,
@@ -42,6 +40,8 @@ from .backbones import (
     small_cnn,
     wrn40_2,
 )
+from .external import ExternalBackbone, ModelSpecError, is_external
+from .preprocess import Preprocess, from_timm, from_torchvision
 
 __all__ = [
     "BACKBONES",
