@@ -202,13 +202,16 @@ def cmd_toy(ns: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
-    from .detector_eval import evaluate_checkpoint
+    from .detector_eval import evaluate_checkpoint, evaluate_imported
 
     detectors = [d for item in ns.detectors for d in item.split(",") if d] if ns.detectors else None
-    table = evaluate_checkpoint(
-        ns.checkpoint, detectors, data=ns.data, tracking_uri=ns.tracking_uri, experiment=ns.experiment,
-        out=ns.out, fit_samples=ns.fit_samples, batch_size=ns.batch_size, log_mlflow=ns.mlflow,
-    )  # fmt: skip
+    common = dict(data=ns.data, tracking_uri=ns.tracking_uri, experiment=ns.experiment, out=ns.out, fit_samples=ns.fit_samples, batch_size=ns.batch_size, log_mlflow=ns.mlflow)
+    if ns.model:
+        table = evaluate_imported(ns.model, ns.pretrained, detectors, input_size=ns.input_size, **common)
+    else:
+        if ns.pretrained or ns.input_size:
+            raise ConfigError("--pretrained and --input-size go with --model (a checkpoint carries its weights and preprocessing)")
+        table = evaluate_checkpoint(ns.checkpoint, detectors, **common)
     print()
     print(table.markdown())
     chosen = table.val_choice()
@@ -291,7 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     tu.set_defaults(fn=cmd_tune)
 
     ev = sub.add_parser("evaluate", help="score a trained checkpoint with every post-hoc detector: one table of test AUROC / FPR95 / AUPR-In per OOD set")
-    ev.add_argument("--checkpoint", required=True, help="checkpoint folder, MLflow model folder, or URI (models:/<name>/<version>, runs:/<run_id>/model)")
+    which = ev.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="checkpoint folder, MLflow model folder, or URI (models:/<name>/<version>, runs:/<run_id>/model)")
+    which.add_argument("--model", help="a model trained elsewhere: torchvision:<name> or timm:<name> (with --pretrained), or module:function returning an nn.Module classifier or (backbone, head) (docs/finetune.md)")
+    ev.add_argument("--pretrained", help="with --model: imagenet (the library's default weights, from its cache or downloaded) or a weights FILE (state_dict)")
+    ev.add_argument("--input-size", type=int, help="with --model: the network's input size in pixels (default: the weights' own, e.g. 224)")
     ev.add_argument("--detectors", nargs="+", help="detectors to score (names, or comma-separated; default: all that fit the model's head)")
     ev.add_argument("--data", help="benchmark.json to evaluate on (default: the one the checkpoint was trained on)")
     ev.add_argument("--out", help="Markdown file for the table (default: <results>/detectors-<time>.md)")

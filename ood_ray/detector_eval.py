@@ -133,15 +133,43 @@ def evaluate_checkpoint(
     checkpoint at ``checkpoint`` (a folder or an MLflow model URI)."""
     from .serving import load_predictor
 
-    t0 = time.perf_counter()
     if fit_samples < 1:
         raise ConfigError(f"fit_samples={fit_samples}: must be >= 1")
     tracking_uri = tracking_uri or default_tracking_uri()
     predictor = load_predictor(checkpoint, tracking_uri)
-    model, meta, cfg = predictor.model, predictor.meta, predictor.config
+    return evaluate_model(
+        predictor.model, predictor.meta, predictor.config, str(checkpoint), detectors, data=data, tracking_uri=tracking_uri,
+        experiment=experiment, out=out, fit_samples=fit_samples, batch_size=batch_size, log_mlflow=log_mlflow,
+    )  # fmt: skip
+
+
+def evaluate_model(
+    model,
+    meta: dict,
+    cfg: TrainConfig | None,
+    label: str,
+    detectors: list[str] | None = None,
+    *,
+    data: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = "ood-ray",
+    out: str | Path | None = None,
+    fit_samples: int = 50_000,
+    batch_size: int = 256,
+    log_mlflow: bool = True,
+    bench: Benchmark | None = None,
+) -> DetectorTable:
+    """``evaluate_checkpoint`` on a model already built: ``model`` (a ``Classifier``), its
+    ``model.json`` dict ``meta`` and training config ``cfg`` (None for a model trained elsewhere),
+    named ``label`` in the table and the MLflow run."""
+    t0 = time.perf_counter()
+    if fit_samples < 1:
+        raise ConfigError(f"fit_samples={fit_samples}: must be >= 1")
+    tracking_uri = tracking_uri or default_tracking_uri()
+    checkpoint = label
     method = method_of(meta)  # the method's own scores; a detector the checkpoint carries is re-chosen here
     chosen = check_detectors(meta["method"], meta["method_params"], detectors or ["all"])
-    bench = resolve_benchmark(cfg, data)
+    bench = bench or resolve_benchmark(cfg, data)
     check_fits(bench, meta)
     say(f"evaluating {len(chosen)} detectors on {meta['method']} ({meta['backbone']}) with {bench.path}")
     train = collect_features(model, method, bench.train, 0, 1, "cpu", batch_size, limit=fit_samples)
@@ -181,6 +209,21 @@ def evaluate_checkpoint(
     if log_mlflow:
         table.run_id = _log(table, tracking_uri, experiment, bench)
     return table
+
+
+def evaluate_imported(spec: str, pretrained: str | None, detectors: list[str] | None = None, *, data: str | None = None, input_size: int | None = None, **kwargs) -> DetectorTable:
+    """``evaluate_checkpoint`` for a model trained elsewhere (``ood_ray.imported``): ``spec`` is
+    ``torchvision:<name>``, ``timm:<name>`` or ``module:function``; ``data`` is required."""
+    from .imported import build_imported
+
+    if not data:
+        raise ConfigError("--model needs --data BENCHMARK (a model trained elsewhere has no benchmark of its own)")
+    if input_size is not None and input_size < 8:
+        raise ConfigError(f"--input-size {input_size}: must be >= 8")
+    bench = Benchmark.load(data)
+    model, meta = build_imported(spec, pretrained, bench, input_size)
+    label = spec + (f" ({pretrained})" if pretrained else "")
+    return evaluate_model(model, meta, None, label, detectors, data=data, bench=bench, **kwargs)
 
 
 def _outputs(model, method, bench: Benchmark, split: str, batch_size: int):

@@ -51,6 +51,11 @@ def run_training(cfg: TrainConfig, tags: dict[str, str] | None = None) -> TrainO
     t0 = time.perf_counter()
     cfg.validate()
     bench = load_benchmark(cfg, verify=True)
+    if cfg.pretrained:  # found (downloaded into the cache when allowed) before any Ray work starts
+        from .pretrained import resolve
+
+        wf = resolve(cfg.backbone, cfg.pretrained, say=say)
+        say(f"starting from {wf.weights or wf.path} (sha256 {wf.sha256[:12]}...)")
     tracking.check_tracking(cfg.mlflow_uri)
     client = MlflowClient(cfg.mlflow_uri)
     exp_id = tracking.ensure_experiment(client, cfg.experiment)
@@ -72,7 +77,11 @@ def run_training(cfg: TrainConfig, tags: dict[str, str] | None = None) -> TrainO
         with result.checkpoint.as_directory() as d:
             model, meta, _ = load_model_dir(d)
             client.log_artifact(run_id, str(Path(d) / META_FILE))
-        example = np.zeros((2, bench.train.channels, *bench.train.image_size), dtype=np.float32)
+        for key, value in (meta.get("pretrained") or {}).items():
+            if value is not None:
+                tracking.set_tag(client, run_id, f"ood_ray.pretrained.{key}", str(value))
+        prep = model.preprocess  # the exported model takes the prepared input (size, channels, normalization)
+        example = np.zeros((2, prep.channels, *prep.input_size(bench.train.image_size)), dtype=np.float32)
         import mlflow
 
         mlflow.set_tracking_uri(cfg.mlflow_uri)

@@ -64,18 +64,32 @@ def import_timm(name: str):
     return timm
 
 
-def full_model(name: str, input_size: int | None = None, pooling: str = "avg") -> nn.Module:
-    """The whole classifier ``name`` names, randomly initialised (weights are loaded afterwards)."""
+def full_model(name: str, input_size: int | None = None, pooling: str = "avg", num_classes: int | None = None) -> nn.Module:
+    """The whole classifier ``name`` names, randomly initialised (weights are loaded afterwards),
+    with ``num_classes`` outputs (default: the library's, 1000 for ImageNet models)."""
     check_name(name)
     kind, _, model = name.partition(":")
+    kwargs = {"num_classes": num_classes} if num_classes else {}
     if kind == "torchvision":
         import torchvision
 
-        kwargs = {"image_size": input_size} if model.startswith("vit_") and input_size else {}
+        if model.startswith("vit_") and input_size:
+            kwargs["image_size"] = input_size
         return torchvision.models.get_model(model, weights=None, **kwargs)
     timm = import_timm(name)
-    kwargs = {"img_size": input_size} if input_size and _timm_takes_img_size(timm, model) else {}
+    if input_size and _timm_takes_img_size(timm, model):
+        kwargs["img_size"] = input_size
     return timm.create_model(model, pretrained=False, global_pool="catavgmax" if pooling == "avgmax" else "avg", **kwargs)
+
+
+def classifier_key(name: str) -> str:
+    """The state_dict key of the classifier weight of ``name`` (``fc.weight``, ``classifier.1.weight``...)."""
+    with torch.device("meta"):
+        net = full_model(name)
+    if name.startswith("timm:"):
+        head = net.get_classifier()
+        return next(k for k, m in net.named_modules() if m is head) + ".weight"
+    return last_linear(net)[0] + ".weight"
 
 
 def _timm_takes_img_size(timm, model: str) -> bool:
@@ -150,7 +164,7 @@ class ExternalBackbone(nn.Module):
     ``dropped`` the key prefixes of the layers removed from it (the classifier and, with
     ``avgmax`` on torchvision, the layers after the trunk), which a weights file may hold."""
 
-    def __init__(self, name: str, in_channels: int = 3, image_size=(224, 224), *, pooling: str = "avg") -> None:
+    def __init__(self, name: str, in_channels: int = 3, image_size=(224, 224), *, pooling: str = "avg", net: nn.Module | None = None) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ModelSpecError(f"head_pooling={pooling!r}; choose one of: {', '.join(POOLINGS)}")
@@ -158,8 +172,10 @@ class ExternalBackbone(nn.Module):
             raise ModelSpecError(f"backbone {name!r} takes RGB images (3 channels), got in_channels={in_channels}; grayscale images are repeated to RGB by its preprocessing")
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.name, self.pooling = name, pooling
-        net = full_model(name, input_size=h if h == w else None, pooling=pooling)
-        net, self.classifier_shape, self.dropped = self._strip(net, name, pooling)
+        if net is None:
+            net = full_model(name, input_size=h if h == w else None, pooling=pooling)
+        net, head, self.dropped = split_classifier(net, name, pooling)
+        self._removed = [head]  # in a list: not a sub-module, not in the state_dict
         self.net = net
         self.trunk: list[str] = []
         if pooling == "avgmax" and name.startswith("torchvision:"):
@@ -171,10 +187,10 @@ class ExternalBackbone(nn.Module):
             self.pool = AvgMax()
         self.num_features = self._probe(h, w)
 
-    @staticmethod
-    def _strip(net: nn.Module, name: str, pooling: str):
-        net, head, gone = split_classifier(net, name, pooling)
-        return net, (head.out_features, head.in_features), gone
+    @property
+    def removed_head(self) -> nn.Linear:
+        """The classifier's last linear layer, as it was when the backbone was made from ``net``."""
+        return self._removed[0]
 
     def _probe(self, h: int, w: int) -> int:
         was = self.training
