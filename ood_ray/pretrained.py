@@ -167,11 +167,13 @@ def load_backbone(backbone: torch.nn.Module, wf: WeightsFile) -> None:
     from .checkpoint import check_weights
 
     state, ours = read_state_dict(wf.path)
-    if isinstance(backbone, ExternalBackbone) and not ours:
+    if isinstance(backbone, ExternalBackbone) and not ours:  # the library's layout: checked in its own key names
         dropped = tuple(backbone.dropped)
-        state = {f"net.{k}": v for k, v in state.items() if not k.startswith(dropped)}
-    expected = backbone.state_dict()
-    check_weights(state, expected, wf.path, _described(backbone))
+        state = {k: v for k, v in state.items() if not k.startswith(dropped)}
+        check_weights(state, backbone.net.state_dict(), wf.path, _described(backbone))
+        backbone.net.load_state_dict(state)
+        return
+    check_weights(state, backbone.state_dict(), wf.path, _described(backbone))
     backbone.load_state_dict(state)
 
 

@@ -151,7 +151,7 @@ class Preprocess:
         """uint8 ``N x C x H x W`` images -> the model's float input on ``device``."""
         x = self._channels(x.to(device, non_blocking=True))
         if self.size is not None and (self.resize is not None or tuple(x.shape[-2:]) != self.size):
-            from torchvision.transforms.v2 import functional as TF
+            from torchvision.transforms import functional as TF
 
             if self.resize is not None:
                 x = TF.center_crop(TF.resize(x, [self.resize], interpolation=self._mode(), antialias=True), list(self.size))
@@ -164,7 +164,7 @@ class Preprocess:
         random-resized crop per image (+ a horizontal flip with probability 1/2 when ``flip``)."""
         if self.train_crop == "pad":
             return self.eval_batch(x, device)
-        from torchvision.transforms.v2 import functional as TF
+        from torchvision.transforms import functional as TF
 
         x = self._channels(x)
         n, _, h, w = x.shape
