@@ -279,7 +279,9 @@ class TrainConfig:
         if self.pretrained is not None:
             if self.pretrained.strip() == "":
                 bad("pretrained", "must be 'imagenet' or a weights file")
-            if self.pretrained != "imagenet":
+            if self.pretrained.startswith("imagenet:") and not self.backbone.startswith("torchvision:"):
+                bad("pretrained", "imagenet:<weights> names torchvision weights; use it with a torchvision:<name> backbone")
+            if self.pretrained != "imagenet" and not self.pretrained.startswith("imagenet:"):
                 self.pretrained = absolute("pretrained")
                 p = Path(self.pretrained)
                 if not (p.is_file() or (p / "state.pt").is_file()):

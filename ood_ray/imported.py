@@ -90,7 +90,8 @@ def build_imported(spec: str, pretrained: str | None, bench: Benchmark, input_si
         from .models.external import classifier_key, full_model
         from .pretrained import read_state_dict
 
-        prep = model_preprocess(spec, MODE_CHANNELS[mode], stored, input_size)
+        tag = pretrained.partition(":")[2] if pretrained.startswith("imagenet:") else "DEFAULT"
+        prep = model_preprocess(spec, MODE_CHANNELS[mode], stored, input_size, tag)
         wf = resolve(spec, pretrained, say=say)
         w = read_state_dict(wf.path)[0].get(classifier_key(spec))  # the file's own number of classes
         n = int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
@@ -108,7 +109,8 @@ def build_imported(spec: str, pretrained: str | None, bench: Benchmark, input_si
             made = made[:-1] if len(made) > 2 else made[0]
         channels = MODE_CHANNELS[mode]
         try:
-            prep = Preprocess.from_dict({"channels": len(extra.get("mean", [0] * channels)), "source": "given", **extra}, f"--model {spec}: preprocessing") if extra else Preprocess.scaled(channels, (input_size, input_size) if input_size else None)
+            c = len(extra.get("mean", [0] * channels)) if extra else channels
+            prep = Preprocess.from_dict({"channels": c, "mean": [0.5] * c, "std": [0.5] * c, "source": "given", **extra}, f"--model {spec}: preprocessing") if extra else Preprocess.scaled(channels, (input_size, input_size) if input_size else None)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if pretrained:

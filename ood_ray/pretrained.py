@@ -1,7 +1,8 @@
 """Pretrained weights: ``--pretrained imagenet`` or ``--pretrained FILE``, found, checked, loaded.
 
 * ``imagenet`` with ``torchvision:<name>``: the default ``Weights`` of that model
-  (``torchvision.models.get_model_weights(name).DEFAULT``), read from torch's cache
+  (``torchvision.models.get_model_weights(name).DEFAULT``; ``imagenet:IMAGENET1K_V1`` names
+  another entry of that enum), read from torch's cache
   (``$TORCH_HOME/hub/checkpoints/<file>``, the file name torchvision publishes, which carries the
   first hex digits of its sha256) or downloaded there when the network allows. A cached file whose
   sha256 does not start with those digits is refused.
@@ -60,9 +61,9 @@ def sha256_of(path: Path) -> str:
 def resolve(backbone: str, pretrained: str, *, say=print) -> WeightsFile:
     """The weights file ``pretrained`` names for ``backbone`` (downloading ImageNet weights into the
     cache when they are not there and the network allows); errors name the file looked for."""
-    if pretrained == "imagenet":
+    if pretrained == "imagenet" or pretrained.startswith("imagenet:"):
         if backbone.startswith("torchvision:"):
-            return _torchvision_imagenet(backbone, say)
+            return _torchvision_imagenet(backbone, say, pretrained.partition(":")[2] or "DEFAULT")
         if backbone.startswith("timm:"):
             return _timm_imagenet(backbone)
         raise ConfigError(f"pretrained='imagenet': backbone {backbone!r} has no published ImageNet weights; use torchvision:<name> or timm:<name>, or pass --pretrained FILE")
@@ -74,11 +75,15 @@ def resolve(backbone: str, pretrained: str, *, say=print) -> WeightsFile:
     return WeightsFile(path.resolve(), sha256_of(path), "file")
 
 
-def _torchvision_imagenet(backbone: str, say) -> WeightsFile:
+def _torchvision_imagenet(backbone: str, say, tag: str = "DEFAULT") -> WeightsFile:
     from torchvision.models import get_model_weights
 
     name = backbone.partition(":")[2]
-    weights = get_model_weights(name).DEFAULT
+    enum = get_model_weights(name)
+    try:
+        weights = enum[tag]
+    except KeyError:
+        raise ConfigError(f"pretrained='imagenet:{tag}': {enum.__name__} has {', '.join(['DEFAULT', *enum.__members__])}") from None
     url = weights.url
     cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
     if not cache.is_file():

@@ -271,3 +271,20 @@ def test_evaluate_model_with_torchvision_weights_from_a_file(tmp_path, digits_oo
         main(["evaluate", "--model", "torchvision:resnet18", "--pretrained", str(path), "--data", str(digits_ood), "--checkpoint", "x"])
     code = main(["evaluate", "--model", "torchvision:resnet18", "--data", str(digits_ood), "--no-mlflow"])
     assert code == 2 and "pass --pretrained imagenet or --pretrained FILE" in capsys.readouterr().err
+
+
+def test_a_named_weights_entry_brings_its_own_transforms(tmp_path, monkeypatch):
+    v1 = model_preprocess("torchvision:resnet50", 3, (256, 256), weights_tag="IMAGENET1K_V1")
+    v2 = model_preprocess("torchvision:resnet50", 3, (256, 256))
+    assert (v1.resize, v2.resize) == (256, 232) and v1.source.endswith("IMAGENET1K_V1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="ResNet50_Weights has DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2"):
+        resolve("torchvision:resnet50", "imagenet:V9")
+
+
+def test_an_ood_ray_checkpoint_is_a_pretrained_file_for_the_same_backbone(digits_ood, saved_backbone, tmp_path):
+    first = _train(digits_ood, tmp_path / "a", pretrained=str(saved_backbone), optimizer="adam", lr=1e-3)
+    backbone = build_backbone("torchvision:resnet18", 3, 32)
+    load_backbone(backbone, resolve("torchvision:resnet18", first))  # the folder: its state.pt's backbone
+    saved = load_state(first)["model"]
+    assert torch.equal(backbone.net.conv1.weight, saved["backbone.net.conv1.weight"])

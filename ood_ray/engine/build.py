@@ -47,7 +47,8 @@ def load_benchmark(cfg: TrainConfig, verify: bool = False) -> Benchmark:
 def build_model(cfg: TrainConfig, method: Method, bench: Benchmark, load_weights: bool = True) -> Classifier:
     """The backbone (with its pretrained weights when ``cfg.pretrained`` and ``load_weights``), the
     method's head for the benchmark's classes, and the backbone's preprocessing."""
-    prep = model_preprocess(cfg.backbone, bench.train.channels, bench.train.image_size, cfg.input_size)
+    tag = cfg.pretrained.partition(":")[2] if cfg.pretrained and cfg.pretrained.startswith("imagenet:") else "DEFAULT"
+    prep = model_preprocess(cfg.backbone, bench.train.channels, bench.train.image_size, cfg.input_size, tag)
     try:
         backbone = build_backbone(cfg.backbone, prep.channels, prep.input_size(bench.train.image_size), pooling=cfg.head_pooling)
     except ValueError as e:

@@ -102,15 +102,16 @@ def check_backbone_name(name: str) -> None:
         )
 
 
-def model_preprocess(name: str, channels: int, stored_size, input_size: int | None = None) -> Preprocess:
+def model_preprocess(name: str, channels: int, stored_size, input_size: int | None = None, weights_tag: str = "DEFAULT") -> Preprocess:
     """The preprocessing of backbone ``name`` for images of ``channels`` stored at ``stored_size``:
-    the weights' transforms of a torchvision / timm model (at ``input_size`` when given), else
-    ``x / 127.5 - 1`` at the stored size (resized to ``input_size`` when given)."""
+    the transforms of a torchvision model's ``weights_tag`` weights (``DEFAULT``, ``IMAGENET1K_V1``...)
+    or a timm model's data config (at ``input_size`` when given), else ``x / 127.5 - 1`` at the
+    stored size (resized to ``input_size`` when given)."""
     if name.startswith("torchvision:"):
         from torchvision.models import get_model_weights
 
         try:
-            weights = get_model_weights(name.partition(":")[2]).DEFAULT
+            weights = get_model_weights(name.partition(":")[2])[weights_tag]
         except (ValueError, KeyError):
             weights = None
         if weights is not None:
