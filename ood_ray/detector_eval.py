@@ -133,8 +133,6 @@ def evaluate_checkpoint(
     checkpoint at ``checkpoint`` (a folder or an MLflow model URI)."""
     from .serving import load_predictor
 
-    if fit_samples < 1:
-        raise ConfigError(f"fit_samples={fit_samples}: must be >= 1")
     tracking_uri = tracking_uri or default_tracking_uri()
     predictor = load_predictor(checkpoint, tracking_uri)
     return evaluate_model(
@@ -166,7 +164,6 @@ def evaluate_model(
     if fit_samples < 1:
         raise ConfigError(f"fit_samples={fit_samples}: must be >= 1")
     tracking_uri = tracking_uri or default_tracking_uri()
-    checkpoint = label
     method = method_of(meta)  # the method's own scores; a detector the checkpoint carries is re-chosen here
     chosen = check_detectors(meta["method"], meta["method_params"], detectors or ["all"])
     bench = bench or resolve_benchmark(cfg, data)
@@ -175,7 +172,7 @@ def evaluate_model(
     train = collect_features(model, method, bench.train, 0, 1, "cpu", batch_size, limit=fit_samples)
     val, test = Scorer(model, method, bench, "val", 0, 1, "cpu", batch_size), Scorer(model, method, bench, "test", 0, 1, "cpu", batch_size)
     own = f"method_{method.default_score}"
-    table = DetectorTable(checkpoint=str(checkpoint), method=meta["method"], rows=[own], ood_sets=list(bench.ood_test), groups={n: m.group for n, m in bench.ood_test.items()})
+    table = DetectorTable(checkpoint=label, method=meta["method"], rows=[own], ood_sets=list(bench.ood_test), groups={n: m.group for n, m in bench.ood_test.items()})
     if not detectors or "all" in detectors:
         from .detectors import DETECTORS
 

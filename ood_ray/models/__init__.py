@@ -121,7 +121,9 @@ def model_preprocess(name: str, channels: int, stored_size, input_size: int | No
     if name.startswith("timm:"):
         from .external import full_model
 
-        return from_timm(full_model(name), name, input_size)
+        with torch.device("meta"):  # the data config only: no weights are allocated
+            net = full_model(name)
+        return from_timm(net, name, input_size)
     return Preprocess.scaled(channels, size=(input_size, input_size) if input_size else None)
 
 

@@ -166,7 +166,7 @@ class Preprocess:
             return self.eval_batch(x, device)
         from torchvision.transforms import functional as TF
 
-        x = self._channels(x)
+        x = self._channels(x.to(device, non_blocking=True))  # crops run where the model runs
         n, _, h, w = x.shape
         out_hw = list(self.input_size((h, w)))
         crops = []
@@ -176,7 +176,7 @@ class Preprocess:
             if flip and torch.rand((), generator=generator).item() < 0.5:
                 img = img.flip(-1)
             crops.append(img)
-        return self._normalize(torch.stack(crops).to(device, non_blocking=True))
+        return self._normalize(torch.stack(crops))
 
 
 def random_resized_box(h: int, w: int, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
