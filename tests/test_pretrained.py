@@ -288,3 +288,9 @@ def test_an_ood_ray_checkpoint_is_a_pretrained_file_for_the_same_backbone(digits
     load_backbone(backbone, resolve("torchvision:resnet18", first))  # the folder: its state.pt's backbone
     saved = load_state(first)["model"]
     assert torch.equal(backbone.net.conv1.weight, saved["backbone.net.conv1.weight"])
+
+
+def test_a_timm_name_may_carry_its_pretrained_tag():
+    prep = model_preprocess("timm:resnet18.tv_in1k", 3, (32, 32))
+    assert prep.resize == int(224 / 0.875) and prep.source == "timm:resnet18.tv_in1k"  # the tag's own data config
+    assert build_backbone("timm:resnet18.tv_in1k", 3, 32).num_features == 512

@@ -44,10 +44,12 @@ def check_name(name: str) -> None:
         raise ModelSpecError(f"backbone {name!r}: expected {kind}:<model name>")
     if kind == "torchvision":
         known = _torchvision_names()
+        found = model in known
     else:
         timm = import_timm(name)
         known = timm.list_models()
-    if model not in known:
+        found = timm.is_model(model)  # also "<arch>.<pretrained tag>", e.g. resnet18.tv_in1k
+    if not found:
         import difflib
 
         near = difflib.get_close_matches(model, known, n=5, cutoff=0.6)
