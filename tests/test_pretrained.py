@@ -294,3 +294,18 @@ def test_a_timm_name_may_carry_its_pretrained_tag():
     prep = model_preprocess("timm:resnet18.tv_in1k", 3, (32, 32))
     assert prep.resize == int(224 / 0.875) and prep.source == "timm:resnet18.tv_in1k"  # the tag's own data config
     assert build_backbone("timm:resnet18.tv_in1k", 3, 32).num_features == 512
+
+
+def test_batched_crops_equal_torchvision_s_resized_crop():
+    from torchvision.transforms import functional as TF
+
+    from ood_ray.models.preprocess import crop_resize
+
+    x = torch.randint(0, 256, (3, 3, 20, 30), dtype=torch.uint8)
+    boxes, flips = [(2, 3, 10, 12), (0, 0, 20, 30), (5, 10, 15, 20)], [False, True, False]
+    out = crop_resize(x, boxes, flips, (24, 24))
+    for i, ((t, l, h, w), f) in enumerate(zip(boxes, flips, strict=True)):
+        want = TF.resized_crop(x[i].float(), t, l, h, w, [24, 24], antialias=False)
+        want = want.flip(-1) if f else want
+        # inside the box the same values; on its outermost pixels the crop blends in the pixels just outside it
+        assert torch.allclose(out[i, :, 1:-1, 1:-1], want[:, 1:-1, 1:-1], atol=1e-3), i

@@ -164,19 +164,31 @@ class Preprocess:
         random-resized crop per image (+ a horizontal flip with probability 1/2 when ``flip``)."""
         if self.train_crop == "pad":
             return self.eval_batch(x, device)
-        from torchvision.transforms import functional as TF
-
         x = self._channels(x.to(device, non_blocking=True))  # crops run where the model runs
         n, _, h, w = x.shape
-        out_hw = list(self.input_size((h, w)))
-        crops = []
-        for i in range(n):
-            top, left, ch, cw = random_resized_box(h, w, generator)
-            img = TF.resized_crop(x[i], top, left, ch, cw, out_hw, interpolation=self._mode(), antialias=True)
-            if flip and torch.rand((), generator=generator).item() < 0.5:
-                img = img.flip(-1)
-            crops.append(img)
-        return self._normalize(torch.stack(crops))
+        boxes = [random_resized_box(h, w, generator) for _ in range(n)]
+        flips = (torch.rand(n, generator=generator) < 0.5).tolist() if flip else [False] * n
+        out = crop_resize(x, boxes, flips, self.input_size((h, w)), self.interpolation)
+        return self._normalize(out)
+
+
+def crop_resize(x: torch.Tensor, boxes, flips, out_hw, interpolation: str = "bilinear") -> torch.Tensor:
+    """Every image of ``x`` (``N x C x H x W``) cropped to its box ``(top, left, height, width)``,
+    mirrored where ``flips`` says so, and resized to ``out_hw``: one batched ``grid_sample`` (no
+    antialiasing). The values equal torchvision's ``resized_crop(antialias=False)`` except on the
+    outermost output pixels, which blend in the image's pixels just outside the box."""
+    import torch.nn.functional as F
+
+    n, c, h, w = x.shape
+    theta = torch.zeros(n, 2, 3)
+    for i, ((top, left, ch, cw), mirror) in enumerate(zip(boxes, flips, strict=True)):
+        theta[i, 0, 0] = -cw / w if mirror else cw / w
+        theta[i, 0, 2] = (2 * left + cw) / w - 1
+        theta[i, 1, 1] = ch / h
+        theta[i, 1, 2] = (2 * top + ch) / h - 1
+    grid = F.affine_grid(theta.to(x.device), [n, c, *out_hw], align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode=interpolation, padding_mode="border", align_corners=False)
+    return out.clamp_(0, 255) if interpolation == "bicubic" else out
 
 
 def random_resized_box(h: int, w: int, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
