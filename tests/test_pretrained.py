@@ -217,6 +217,16 @@ def test_fine_tuning_moves_the_backbone_and_records_weights_and_preprocessing(di
     out = predictor.outputs(x.numpy())
     idx = [list(ref["keys"]).index(k) for k in keys]
     assert np.allclose(out["logits"], ref["logits"][idx], atol=1e-4)
+    # and the MLflow pyfunc model, loaded back, prepares them the same way
+    import mlflow
+
+    from ood_ray.serving.pyfunc import log_ood_model
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run():
+        info = log_ood_model(ckpt)
+    frame = mlflow.pyfunc.load_model(info.model_uri).predict(x.numpy())
+    assert np.allclose(frame["score"].to_numpy(), predictor.predict(x.numpy())["score"].to_numpy(), atol=1e-5)
 
 
 def test_evaluate_model_scores_a_user_factory(tmp_path, digits_ood, monkeypatch, capsys, mlflow_uri):
