@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 import torch
 
 from .config import ConfigError
-from .models.external import ExternalBackbone, is_external
+from .models.external import ExternalBackbone
 
 HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")  # torchvision's file names: resnet18-f37072fd.pth
 
@@ -196,10 +196,3 @@ def load_full(net: torch.nn.Module, wf: WeightsFile, name: str) -> None:
 def _described(backbone) -> str:
     return f"backbone {backbone.name}" if isinstance(backbone, ExternalBackbone) else f"backbone {type(backbone).__name__}"
 
-
-def check_spec(backbone: str, pretrained: str | None) -> None:
-    """Cheap checks of ``--pretrained`` at config time (the file is read when the model is built)."""
-    if pretrained is None:
-        return
-    if pretrained == "imagenet" and not is_external(backbone):
-        raise ConfigError(f"pretrained='imagenet': backbone {backbone!r} has no published ImageNet weights; use torchvision:<name> or timm:<name>, or pass --pretrained FILE")

@@ -54,7 +54,6 @@ def build_model(cfg: TrainConfig, method: Method, bench: Benchmark, load_weights
     except ValueError as e:
         raise ConfigError(f"backbone={cfg.backbone!r}: {e}") from None
     model = Classifier(backbone, method.make_head(backbone.num_features, bench.num_classes), preprocess=prep, dropout=cfg.head_dropout)
-    model.weights_record = None
     if cfg.pretrained and load_weights:
         from ..pretrained import load_backbone, resolve
 

@@ -171,6 +171,7 @@ class Classifier(nn.Module):
     """
 
     detector = None
+    weights_record = None  # the pretrained weights the backbone started from (``WeightsFile.record()``), when any
 
     def __init__(self, backbone: nn.Module, head: nn.Module, preprocess: Preprocess | None = None, dropout: float = 0.0) -> None:
         super().__init__()
@@ -186,12 +187,6 @@ class Classifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features ``N x num_features``."""
         return self.backbone(x)
-
-    def prepare(self, x: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-        """uint8 images -> this model's input on ``device`` (its eval preprocessing)."""
-        if self.preprocess is None:
-            return x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-        return self.preprocess.eval_batch(x, device)
 
     def forward(self, x: torch.Tensor) -> Any:
         return self.head(self.dropout(self.backbone(x)))
