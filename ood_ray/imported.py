@@ -107,6 +107,11 @@ def build_imported(spec: str, pretrained: str | None, bench: Benchmark, input_si
         extra = made[-1] if isinstance(made, tuple) and isinstance(made[-1], dict) else None
         if extra is not None:
             made = made[:-1] if len(made) > 2 else made[0]
+            if input_size:  # the flag wins over the factory's size
+                extra = {**extra, "size": [input_size, input_size]}
+        pair = isinstance(made, tuple) and len(made) == 2 and all(isinstance(m, nn.Module) for m in made)
+        if not (isinstance(made, nn.Module) or pair):
+            raise ConfigError(f"--model {spec!r}: the function returned {type(made).__name__}; expected an nn.Module, or (backbone, head) modules, optionally followed by a dict of preprocessing")
         channels = MODE_CHANNELS[mode]
         try:
             c = len(extra.get("mean", [0] * channels)) if extra else channels
@@ -128,11 +133,9 @@ def build_imported(spec: str, pretrained: str | None, bench: Benchmark, input_si
             except ModelSpecError as e:
                 raise ConfigError(f"--model {spec!r}: {e}") from None
             backbone = _Features(net, _probe(net, prep.channels, prep.input_size(stored), spec))
-        elif isinstance(made, tuple) and len(made) == 2 and all(isinstance(m, nn.Module) for m in made):
+        else:
             net, head = made
             backbone = _Features(net, _probe(net, prep.channels, prep.input_size(stored), spec))
-        else:
-            raise ConfigError(f"--model {spec!r}: the function returned {type(made).__name__}; expected an nn.Module, or (backbone, head) modules, optionally followed by a dict of preprocessing")
     if not isinstance(head, nn.Linear):
         raise ConfigError(f"--model {spec!r}: its head is {type(head).__name__}, expected nn.Linear")
     if head.in_features != backbone.num_features:

@@ -314,8 +314,18 @@ def test_batched_crops_equal_torchvision_s_resized_crop():
     x = torch.randint(0, 256, (3, 3, 20, 30), dtype=torch.uint8)
     boxes, flips = [(2, 3, 10, 12), (0, 0, 20, 30), (5, 10, 15, 20)], [False, True, False]
     out = crop_resize(x, boxes, flips, (24, 24))
-    for i, ((t, l, h, w), f) in enumerate(zip(boxes, flips, strict=True)):
-        want = TF.resized_crop(x[i].float(), t, l, h, w, [24, 24], antialias=False)
+    for i, ((top, left, h, w), f) in enumerate(zip(boxes, flips, strict=True)):
+        want = TF.resized_crop(x[i].float(), top, left, h, w, [24, 24], antialias=False)
         want = want.flip(-1) if f else want
         # inside the box the same values; on its outermost pixels the crop blends in the pixels just outside it
         assert torch.allclose(out[i, :, 1:-1, 1:-1], want[:, 1:-1, 1:-1], atol=1e-3), i
+
+
+def test_a_factory_that_returns_something_else_is_refused(tmp_path, digits_ood, monkeypatch):
+    (tmp_path / "odd_models.py").write_text("def numbers():\n    return 3, 4\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from ood_ray.data.manifest import Benchmark
+    from ood_ray.imported import build_imported
+
+    with pytest.raises(ConfigError, match="returned tuple; expected an nn.Module, or .backbone, head. modules"):
+        build_imported("odd_models:numbers", None, Benchmark.load(digits_ood))
