@@ -191,8 +191,15 @@ def test_a_frozen_backbone_keeps_its_weights_and_only_the_head_trains(kw, digits
     assert trained["head.weight"].shape == head.weight.shape  # a new head for the benchmark's 10 classes
 
 
-def test_fine_tuning_moves_the_backbone_and_records_weights_and_preprocessing(digits_ood, saved_backbone, tmp_path):
-    ckpt = _train(digits_ood, tmp_path, pretrained=str(saved_backbone), optimizer="adamw", lr=1e-3, backbone_lr_scale=0.1, warmup_epochs=0.5, head_pooling="avgmax", head_dropout=0.5, hflip=True)
+@pytest.fixture(scope="module")
+def finetuned(digits_ood, saved_backbone, tmp_path_factory):
+    """A checkpoint fine-tuned from ``saved_backbone`` with every fine-tuning control on."""
+    root = tmp_path_factory.mktemp("finetuned")
+    return _train(digits_ood, root, pretrained=str(saved_backbone), optimizer="adamw", lr=1e-3, backbone_lr_scale=0.1, warmup_epochs=0.5, head_pooling="avgmax", head_dropout=0.5, hflip=True)
+
+
+def test_fine_tuning_moves_the_backbone_and_records_weights_and_preprocessing(digits_ood, saved_backbone, finetuned, tmp_path):
+    ckpt = finetuned
     trained = load_state(ckpt)["model"]
     start = torch.load(saved_backbone, weights_only=True)
     assert not torch.equal(trained["backbone.net.conv1.weight"], start["conv1.weight"])
@@ -292,9 +299,9 @@ def test_a_named_weights_entry_brings_its_own_transforms(tmp_path, monkeypatch):
         resolve("torchvision:resnet50", "imagenet:V9")
 
 
-def test_an_ood_ray_checkpoint_is_a_pretrained_file_for_the_same_backbone(digits_ood, saved_backbone, tmp_path):
-    first = _train(digits_ood, tmp_path / "a", pretrained=str(saved_backbone), optimizer="adam", lr=1e-3)
-    backbone = build_backbone("torchvision:resnet18", 3, 32)
+def test_an_ood_ray_checkpoint_is_a_pretrained_file_for_the_same_backbone(finetuned):
+    first = finetuned
+    backbone = build_backbone("torchvision:resnet18", 3, 32, pooling="avgmax")
     load_backbone(backbone, resolve("torchvision:resnet18", first))  # the folder: its state.pt's backbone
     saved = load_state(first)["model"]
     assert torch.equal(backbone.net.conv1.weight, saved["backbone.net.conv1.weight"])
