@@ -117,28 +117,15 @@ def check_fits(bench: Benchmark, meta: dict) -> None:
         raise ConfigError(f"{bench.path}: needs val and test OOD sets (ood_val, ood_test) to choose and score detectors")
 
 
-def evaluate_checkpoint(
-    checkpoint: str,
-    detectors: list[str] | None = None,
-    *,
-    data: str | None = None,
-    tracking_uri: str | None = None,
-    experiment: str = "ood-ray",
-    out: str | Path | None = None,
-    fit_samples: int = 50_000,
-    batch_size: int = 256,
-    log_mlflow: bool = True,
-) -> DetectorTable:
+def evaluate_checkpoint(checkpoint: str, detectors: list[str] | None = None, *, tracking_uri: str | None = None, **kwargs) -> DetectorTable:
     """Score ``detectors`` (None or ``["all"]``: every one the model's head supports) on the
-    checkpoint at ``checkpoint`` (a folder or an MLflow model URI)."""
+    checkpoint at ``checkpoint`` (a folder or an MLflow model URI); ``kwargs`` as ``evaluate_model``
+    (``data``, ``experiment``, ``out``, ``fit_samples``, ``batch_size``, ``log_mlflow``)."""
     from .serving import load_predictor
 
     tracking_uri = tracking_uri or default_tracking_uri()
     predictor = load_predictor(checkpoint, tracking_uri)
-    return evaluate_model(
-        predictor.model, predictor.meta, predictor.config, str(checkpoint), detectors, data=data, tracking_uri=tracking_uri,
-        experiment=experiment, out=out, fit_samples=fit_samples, batch_size=batch_size, log_mlflow=log_mlflow,
-    )  # fmt: skip
+    return evaluate_model(predictor.model, predictor.meta, predictor.config, str(checkpoint), detectors, tracking_uri=tracking_uri, **kwargs)
 
 
 def evaluate_model(

@@ -93,11 +93,12 @@ def build_imported(spec: str, pretrained: str | None, bench: Benchmark, input_si
         tag = pretrained.partition(":")[2] if pretrained.startswith("imagenet:") else "DEFAULT"
         prep = model_preprocess(spec, MODE_CHANNELS[mode], stored, input_size, tag)
         wf = resolve(spec, pretrained, say=say)
-        w = read_state_dict(wf.path)[0].get(classifier_key(spec))  # the file's own number of classes
+        read = read_state_dict(wf.path)
+        w = read[0].get(classifier_key(spec))  # the file's own number of classes
         n = int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
         net = full_model(spec, input_size=prep.size[0] if prep.size else None, num_classes=n)
         try:
-            load_full(net, wf, spec)
+            load_full(net, wf, spec, read)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         backbone = ExternalBackbone(spec, 3, prep.input_size(stored), net=net)

@@ -182,11 +182,12 @@ def load_backbone(backbone: torch.nn.Module, wf: WeightsFile) -> None:
     backbone.load_state_dict(state)
 
 
-def load_full(net: torch.nn.Module, wf: WeightsFile, name: str) -> None:
-    """Load ``wf`` into a whole classifier ``net`` (its own head included), checked like ``load_backbone``."""
+def load_full(net: torch.nn.Module, wf: WeightsFile, name: str, read: tuple[dict, bool] | None = None) -> None:
+    """Load ``wf`` into a whole classifier ``net`` (its own head included), checked like
+    ``load_backbone``; ``read``: the file's ``read_state_dict`` when the caller has it already."""
     from .checkpoint import check_weights
 
-    state, ours = read_state_dict(wf.path)
+    state, ours = read or read_state_dict(wf.path)
     if ours:
         raise ConfigError(f"{wf.path}: an ood_ray checkpoint; score it with ood-ray evaluate --checkpoint {wf.path.parent}")
     check_weights(state, net.state_dict(), wf.path, f"{name} (with its classifier)")
