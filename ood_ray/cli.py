@@ -102,6 +102,7 @@ def cmd_tune(ns: argparse.Namespace) -> int:
         reduction_factor=ns.reduction_factor,
         include_default=ns.default_trial,
         register_name=ns.register_name,
+        alias=ns.alias,
         resume=ns.resume,
         optuna_storage=ns.optuna_storage,
     )
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA keeps the top 1/factor at each rung")
     tu.add_argument("--default-trial", action=argparse.BooleanOptionalAction, default=True, help="run the untuned default configuration as the first trial")
     tu.add_argument("--register-name", help="MLflow registered model name (default: ood-ray-<method>; '' = don't register)")
+    tu.add_argument("--alias", default="champion", help="alias set on the best trial's registered version, with a model card as its description (default: champion, so models:/ood-ray-<method>@champion; '' = none)")
     tu.add_argument("--optuna-storage", help="Optuna RDB URL (default: sqlite under the storage path)")
     tu.set_defaults(fn=cmd_tune)
 

@@ -54,6 +54,9 @@ def test_search_space_is_picklable_and_default_point_is_in_it():
 
 
 def test_sweep_config_errors_name_the_value(digits_ood, tmp_path):
+    for alias in ("latest", "v3", "has space", "9lives"):
+        with pytest.raises(ConfigError, match=f"alias='{alias}': an MLflow alias"):
+            make_sweep(tmp_path, digits_ood, "dismax", alias=alias).validate()
     with pytest.raises(ConfigError, match="num_trials=0"):
         make_sweep(tmp_path, digits_ood, "dismax", num_trials=0).validate()
     with pytest.raises(ConfigError, match="method='nope'"):
@@ -170,6 +173,15 @@ def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method, runne
         mlflow.set_tracking_uri(uri)
         pred = mlflow.pyfunc.load_model(out.model_uri).predict(np.zeros((2, 8, 8), dtype=np.uint8))
         assert (pred["threshold_score"] == det).all() and pred["delta"].iloc[0] == pytest.approx(chosen["delta"])
+    if register:  # the best version is the champion, with a model card
+        version = client.get_model_version_by_alias(register, "champion")
+        assert str(version.version) == "1" and version.run_id == next(r.info.run_id for r in children if r.data.tags["ood_ray.trial_id"] == out.best["trial_id"])
+        assert f"the best of sweep `{out.name}`" in version.description and f"AUROC {out.test_metrics['test_auroc']:.4f}" in version.description
+        assert "command: `" in version.description and "digest " in version.description
+        assert version.tags["ood_ray.method"] == method and version.tags["ood_ray.val_objective"] == f"{out.best['objective']:.4f}"
+        from ood_ray.serving import load_predictor
+
+        assert load_predictor(f"models:/{register}@champion", uri).meta["method"] == method
     if method == "dismax":
         assert out.best["metrics"]["posthoc_candidates"] == 4 and out.best["metrics"]["temperature"] > 0
         assert out.model_uri == f"models:/{register}/1"

@@ -31,6 +31,7 @@ class SweepConfig:
     include_default: bool = True  # the first trial is the untuned default configuration
     points_to_evaluate: list[dict] = field(default_factory=list)  # further fixed trials (flat Optuna names)
     register_name: str | None = None  # MLflow registered model; None = "ood-ray-<method>", "" = don't register
+    alias: str = "champion"  # registered-model alias set on the best trial's version ("" = none)
     resume: bool = False
     max_trial_failures: int = 1  # Tune retries of a trial driver (Train retries workers itself)
     optuna_storage: str | None = None  # None = sqlite under the storage path (or the results folder)
@@ -70,6 +71,9 @@ class SweepConfig:
             bad("max_trial_failures" if self.max_trial_failures < 0 else "seed", "must be >= 0")
         if self.num_trials < 1:
             bad("num_trials", "must be an integer >= 1")
+
+        if not isinstance(self.alias, str) or (self.alias and (not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,254}", self.alias) or self.alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", self.alias))):
+            bad("alias", "an MLflow alias: letters, digits, _ and -, starting with a letter or _, not 'latest' or v<number> ('' = none)")
         if self.concurrency is not None and self.concurrency < 1:
             bad("concurrency", "must be >= 1 (or unset: derived from the cluster)")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:

@@ -107,6 +107,8 @@ def finish_sweep(sweep: SweepConfig, grid, client: MlflowClient, parent_id: str,
         test_metrics = evaluation["test"]
         artifacts = write_artifacts(sweep, client, parent_id, trials, best, default, evaluation)
         model_uri = logging_model.result() if logging_model else None
+    if model_uri and register and model_uri.startswith(f"models:/{register}/"):
+        crown(client, sweep, register, model_uri.rsplit("/", 1)[1], best, test_metrics, len(done))
     keep = ("objective", *METHODS[sweep.method].calibration_keys)
     metrics = {f"best_{k}": v for k, v in best["metrics"].items() if k.startswith(("val_", "chosen_")) or k in keep}
     metrics.update({f"best_{k}": v for k, v in test_metrics.items()})
@@ -128,6 +130,59 @@ def finish_sweep(sweep: SweepConfig, grid, client: MlflowClient, parent_id: str,
         tracking.set_tag(client, parent_id, "ood_ray.model_uri", model_uri)
     client.set_terminated(parent_id, "FINISHED")
     return SweepOutcome(sweep.name, parent_id, best, default, test_metrics, pareto, trials, wall, exp_path, model_uri, artifacts)
+
+
+def model_card(sweep: SweepConfig, best: dict, test_metrics: dict, completed: int) -> tuple[str, dict[str, str]]:
+    """The registered version's description (Markdown) and tags: what it is, what it was chosen on,
+    how it scores on test, its threshold and the command that made it."""
+    import json
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from .. import config as cfgmod
+    from ..engine.build import load_benchmark
+
+    base = sweep.base
+    meta = json.loads(Path(best["checkpoint"], "model.json").read_text())
+    bench = load_benchmark(base)
+    digest = bench.digest()[:16]
+    m = best["metrics"]
+
+    def f(v):
+        return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
+
+    delta = meta.get("delta")
+    lines = [
+        f"**{meta['method']}** on `{meta['backbone']}`, the best of sweep `{sweep.name}` ({completed} trials completed): trial {best['trial_id']}.",
+        "",
+        f"- data: `{bench.path}` (digest {digest}), {len(meta['class_names'])} classes, {meta['image_size'][0]}x{meta['image_size'][1]} {meta['mode']}",
+        f"- chosen on val: objective {f(best['objective'])} (`{base.objective}`), val accuracy {f(m.get('val_acc'))}, val AUROC {f(m.get('val_auroc'))}",
+        f"- test (scored once, after the choice): accuracy {f(test_metrics.get('test_acc'))}, AUROC {f(test_metrics.get('test_auroc'))}, FPR95 {f(test_metrics.get('test_fpr95'))}",
+        f"- \"don't know\" below δ = {f(delta)} on `{meta.get('threshold_score')}`" if delta is not None else f"- no δ: every image gets a class (`{meta.get('threshold_score')}` is its score)",
+        f"- command: `{cfgmod.redact(shlex.join(sys.argv))}`",
+    ]
+    tags = {
+        "ood_ray.method": meta["method"],
+        "ood_ray.backbone": meta["backbone"],
+        "ood_ray.data_digest": digest,
+        "ood_ray.sweep": sweep.name or "",
+        "ood_ray.trial_id": str(best["trial_id"]),
+        "ood_ray.val_objective": f(best["objective"]),
+        "ood_ray.test_auroc": f(test_metrics.get("test_auroc")),
+    }
+    return "\n".join(lines) + "\n", tags
+
+
+def crown(client: MlflowClient, sweep: SweepConfig, register: str, version: str, best: dict, test_metrics: dict, completed: int) -> None:
+    """Write the model card into the best version's description and tags, and point the alias at it."""
+    card, tags = model_card(sweep, best, test_metrics, completed)
+    client.update_model_version(register, version, description=card)
+    for k, v in tags.items():
+        client.set_model_version_tag(register, version, k, v)
+    if sweep.alias:
+        client.set_registered_model_alias(register, sweep.alias, version)
+        say(f"alias {sweep.alias}: models:/{register}@{sweep.alias} is version {version}")
 
 
 def log_best_model(client: MlflowClient, run_id: str, checkpoint_path: str, register: str | None) -> str:
