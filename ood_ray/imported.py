@@ -80,7 +80,7 @@ class _Features(nn.Module):
 def build_imported(spec: str, pretrained: str | None, bench: Benchmark, input_size: int | None = None) -> tuple[Classifier, dict]:
     """The model ``spec`` names with its weights, and a ``model.json`` dict describing it for the
     benchmark ``bench`` (softmax scores; class names the benchmark's, whose count must match)."""
-    from .pretrained import WeightsFile, load_full, resolve
+    from .pretrained import WeightsFile, imagenet_tag, load_full, resolve
 
     stored, mode = tuple(bench.train.image_size), bench.train.mode
     wf: WeightsFile | None = None
@@ -90,8 +90,7 @@ def build_imported(spec: str, pretrained: str | None, bench: Benchmark, input_si
         from .models.external import classifier_key, full_model
         from .pretrained import read_state_dict
 
-        tag = pretrained.partition(":")[2] if pretrained.startswith("imagenet:") else "DEFAULT"
-        prep = model_preprocess(spec, MODE_CHANNELS[mode], stored, input_size, tag)
+        prep = model_preprocess(spec, MODE_CHANNELS[mode], stored, input_size, imagenet_tag(pretrained) or "DEFAULT")
         wf = resolve(spec, pretrained, say=say)
         read = read_state_dict(wf.path)
         w = read[0].get(classifier_key(spec))  # the file's own number of classes

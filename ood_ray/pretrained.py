@@ -50,6 +50,16 @@ class WeightsFile:
         return {"source": self.source, "weights": self.weights, "path": str(self.path), "sha256": self.sha256}
 
 
+def imagenet_tag(pretrained: str | None) -> str | None:
+    """The torchvision weights entry ``pretrained`` names: ``DEFAULT`` for ``imagenet``, ``X`` for
+    ``imagenet:X``; None when it names a file (or nothing)."""
+    if pretrained == "imagenet":
+        return "DEFAULT"
+    if pretrained and pretrained.startswith("imagenet:"):
+        return pretrained.partition(":")[2]
+    return None
+
+
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -61,9 +71,10 @@ def sha256_of(path: Path) -> str:
 def resolve(backbone: str, pretrained: str, *, say=print) -> WeightsFile:
     """The weights file ``pretrained`` names for ``backbone`` (downloading ImageNet weights into the
     cache when they are not there and the network allows); errors name the file looked for."""
-    if pretrained == "imagenet" or pretrained.startswith("imagenet:"):
+    tag = imagenet_tag(pretrained)
+    if tag is not None:
         if backbone.startswith("torchvision:"):
-            return _torchvision_imagenet(backbone, say, pretrained.partition(":")[2] or "DEFAULT")
+            return _torchvision_imagenet(backbone, say, tag or "DEFAULT")
         if backbone.startswith("timm:"):
             return _timm_imagenet(backbone)
         raise ConfigError(f"pretrained='imagenet': backbone {backbone!r} has no published ImageNet weights; use torchvision:<name> or timm:<name>, or pass --pretrained FILE")

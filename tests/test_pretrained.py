@@ -336,3 +336,17 @@ def test_a_factory_that_returns_something_else_is_refused(tmp_path, digits_ood, 
 
     with pytest.raises(ConfigError, match="returned tuple; expected an nn.Module, or .backbone, head. modules"):
         build_imported("odd_models:numbers", None, Benchmark.load(digits_ood))
+
+
+def test_avgmax_features_are_the_max_and_the_mean_of_the_last_map():
+    torch.manual_seed(0)
+    b = build_backbone("torchvision:mobilenet_v2", 3, 64, pooling="avgmax").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fmap = b.net.features(x)
+        want = torch.cat([fmap.amax(dim=(2, 3)), fmap.mean(dim=(2, 3))], dim=1)
+        assert torch.allclose(b(x), want) and b.num_features == 2560
+    native = build_backbone("small_cnn", 3, 16, pooling="avgmax").eval()
+    with torch.no_grad():
+        fmap = native.features(torch.ones(1, 3, 16, 16))
+        assert torch.allclose(native(torch.ones(1, 3, 16, 16)), torch.cat([fmap.amax(dim=(2, 3)), fmap.mean(dim=(2, 3))], dim=1))

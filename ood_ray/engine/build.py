@@ -44,17 +44,18 @@ def load_benchmark(cfg: TrainConfig, verify: bool = False) -> Benchmark:
     return bench
 
 
-def build_model(cfg: TrainConfig, method: Method, bench: Benchmark, load_weights: bool = True) -> Classifier:
-    """The backbone (with its pretrained weights when ``cfg.pretrained`` and ``load_weights``), the
-    method's head for the benchmark's classes, and the backbone's preprocessing."""
-    tag = cfg.pretrained.partition(":")[2] if cfg.pretrained and cfg.pretrained.startswith("imagenet:") else "DEFAULT"
-    prep = model_preprocess(cfg.backbone, bench.train.channels, bench.train.image_size, cfg.input_size, tag)
+def build_model(cfg: TrainConfig, method: Method, bench: Benchmark) -> Classifier:
+    """The backbone (with its pretrained weights when ``cfg.pretrained``), the method's head for
+    the benchmark's classes, and the backbone's preprocessing (that of the weights named)."""
+    from ..pretrained import imagenet_tag
+
     try:
+        prep = model_preprocess(cfg.backbone, bench.train.channels, bench.train.image_size, cfg.input_size, imagenet_tag(cfg.pretrained) or "DEFAULT")
         backbone = build_backbone(cfg.backbone, prep.channels, prep.input_size(bench.train.image_size), pooling=cfg.head_pooling)
     except ValueError as e:
         raise ConfigError(f"backbone={cfg.backbone!r}: {e}") from None
     model = Classifier(backbone, method.make_head(backbone.num_features, bench.num_classes), preprocess=prep, dropout=cfg.head_dropout)
-    if cfg.pretrained and load_weights:
+    if cfg.pretrained:
         from ..pretrained import load_backbone, resolve
 
         wf = resolve(cfg.backbone, cfg.pretrained, say=say)

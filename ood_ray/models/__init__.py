@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .backbones import (
+    AvgMaxPool,
     CifarResNet,
     MobileNetV2Features,
     SmallCNN,
@@ -111,11 +112,13 @@ def model_preprocess(name: str, channels: int, stored_size, input_size: int | No
         from torchvision.models import get_model_weights
 
         try:
-            weights = get_model_weights(name.partition(":")[2])[weights_tag]
-        except (ValueError, KeyError):
-            weights = None
-        if weights is not None:
-            return from_torchvision(weights, channels, input_size)
+            enum = get_model_weights(name.partition(":")[2])
+        except (ValueError, KeyError):  # a model torchvision publishes no weights for
+            enum = None
+        if enum is not None:
+            if weights_tag not in ("DEFAULT", *enum.__members__):
+                raise ValueError(f"{enum.__name__} has no entry {weights_tag!r}; choose from DEFAULT, {', '.join(enum.__members__)}")
+            return from_torchvision(enum[weights_tag], channels, input_size)
         size = input_size or 224
         return Preprocess(3, size=(size, size), resize=max(size, round(size * 256 / 224)), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), train_crop="random-resized", source="imagenet-default")
     if name.startswith("timm:"):
@@ -151,14 +154,6 @@ def build_backbone(
         net.pool = AvgMaxPool()
         net.num_features *= 2
     return net
-
-
-class AvgMaxPool(nn.Module):
-    """Global max and average pooling concatenated: ``N x C x H x W`` -> ``N x 2C x 1 x 1``
-    (the project's backbones flatten their ``pool`` output)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.amax(x, dim=(2, 3), keepdim=True), x.mean(dim=(2, 3), keepdim=True)], dim=1)
 
 
 class Classifier(nn.Module):

@@ -20,6 +20,7 @@ __all__ = [
     "WideResNet",
     "MobileNetV2Features",
     "init_weights",
+    "AvgMaxPool",
     "resnet18",
     "wrn40_2",
     "small_cnn",
@@ -54,6 +55,14 @@ def init_weights(module: nn.Module) -> None:
             nn.init.normal_(m.weight, 0.0, 0.01)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+class AvgMaxPool(nn.Module):
+    """Global max and average pooling concatenated: ``N x C x H x W`` -> ``N x 2C x 1 x 1`` (the
+    Outlier Exposure article's head; the backbones flatten their ``pool`` output)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.amax(x, dim=(2, 3), keepdim=True), x.mean(dim=(2, 3), keepdim=True)], dim=1)
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:

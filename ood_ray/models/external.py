@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .backbones import AvgMaxPool
+
 POOLINGS = ("avg", "avgmax")
 PREFIXES = ("torchvision:", "timm:")
 
@@ -152,13 +154,6 @@ def _trunk_children(net: nn.Module, name: str) -> list[str]:
     )
 
 
-class AvgMax(nn.Module):
-    """``[max over H, W ; mean over H, W]`` of an ``N x C x H x W`` map -> ``N x 2C``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x.amax(dim=(2, 3)), x.mean(dim=(2, 3))], dim=1)
-
-
 class ExternalBackbone(nn.Module):
     """A torchvision / timm classifier without its last linear layer: images -> ``N x F`` features.
 
@@ -186,7 +181,7 @@ class ExternalBackbone(nn.Module):
                 if child not in self.trunk and any(p.numel() for p in net.get_submodule(child).parameters()):
                     self.dropped.append(child + ".")
                     setattr(net, child, nn.Identity())
-            self.pool = AvgMax()
+            self.pool = AvgMaxPool()
         self.num_features = self._probe(h, w)
 
     @property
@@ -212,7 +207,7 @@ class ExternalBackbone(nn.Module):
         if self.trunk:
             for child in self.trunk:
                 x = getattr(self.net, child)(x)
-            return self.pool(x)
+            return torch.flatten(self.pool(x), 1)
         out = self.net(x)
         if isinstance(out, tuple):  # GoogLeNet / Inception in training mode: (logits, aux...)
             out = out[0]

@@ -142,11 +142,13 @@ def model_card(sweep: SweepConfig, best: dict, test_metrics: dict, completed: in
 
     from .. import config as cfgmod
     from ..engine.build import load_benchmark
+    from ..tracking.provenance import benchmark_digest
 
     base = sweep.base
-    meta = json.loads(Path(best["checkpoint"], "model.json").read_text())
+    with ray.train.Checkpoint(best["checkpoint"]).as_directory() as d:  # local or remote storage
+        meta = json.loads(Path(d, "model.json").read_text())
     bench = load_benchmark(base)
-    digest = bench.digest()[:16]
+    digest = benchmark_digest(bench)[:16]  # as in the runs' dataset input
     m = best["metrics"]
 
     def f(v):
