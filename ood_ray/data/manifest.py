@@ -216,7 +216,7 @@ class Manifest:
         version = d.get("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise DataError(
-                f"{where}: format_version {version} is not supported (this ood_ray reads {FORMAT_VERSION})"
+                f"{where}: format_version {version!r} is not supported (this ood_ray reads {FORMAT_VERSION})"
             )
         if d["role"] not in ROLES:
             raise DataError(f"{where}: role {d['role']!r} is not one of {', '.join(ROLES)}")
