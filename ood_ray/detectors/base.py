@@ -14,7 +14,9 @@ Class attributes
     ``needs_linear_head``: the detector uses the head's weight/bias, so ``fit``/``restore`` refuse
     a head that is not an ``nn.Linear``. ``needs_model``: ``fit`` needs ``model=`` (a callable
     images -> logits) and ``score`` takes images instead of features (ODIN).
-    ``grid_values``: the post-hoc search, as candidate values per parameter (``grid()`` is their
+    ``fit_split``: the split ``fit`` is given: ``"train"`` (the train features, the default) or
+    ``"val"`` (the val ID features, for a statistic fitted where the model did not train, as
+    temperature scaling's T). ``grid_values``: the post-hoc search, as candidate values per parameter (``grid()`` is their
     product). ``state_keys``: the fitted statistics ``state()`` returns, each with its shape in
     ``D`` (features), ``K`` (classes) and ``N`` (any size >= 1); ``restore`` refuses a statistic
     of another shape, a non-float one, or one holding NaN or inf. ``fit_params``: the
@@ -53,6 +55,7 @@ class Detector:
     defaults: ClassVar[dict[str, Any]] = {}
     needs_linear_head: ClassVar[bool] = False
     needs_model: ClassVar[bool] = False
+    fit_split: ClassVar[str] = "train"
     grid_values: ClassVar[dict[str, list]] = {}
     state_keys: ClassVar[dict[str, tuple[str, ...]]] = {}
     fit_params: ClassVar[tuple[str, ...]] = ()

@@ -1,7 +1,8 @@
 """Post-hoc detectors on a trained model: features, fitting on train, choosing on val.
 
 A detector (``ood_ray.detectors``) is fitted on the penultimate features of the train split (at
-most ``detector_fit_samples``: an evenly spread subset of larger sets; augmentation off), its
+most ``detector_fit_samples``: an evenly spread subset of larger sets; augmentation off; the val
+ID features for one with ``fit_split = "val"``), its
 parameters are tried on the val split (``Detector.grid``), and the best one by the mean val AUROC
 over the val OOD sets wins.
 Nothing from a test split is read. Every rank searches on the same gathered arrays and takes
@@ -115,8 +116,14 @@ def fit(name: str, params: dict, train: dict[str, np.ndarray], model, method: Me
     )
 
 
+def fit_data(name: str, train: dict[str, np.ndarray], val: Scorer) -> dict[str, np.ndarray]:
+    """What detector ``name`` is fitted on: the train features, or val ID's (``fit_split``)."""
+    return val.id if DETECTORS[name].fit_split == "val" else train
+
+
 def search(names: Iterable[str], train: dict[str, np.ndarray], val: Scorer, model, method: Method) -> tuple[list[dict], dict[str, str]]:
-    """Every candidate (detector × its grid) fitted on ``train`` and scored on val.
+    """Every candidate (detector × its grid) fitted on ``train`` (on ``val.id`` for a detector
+    with ``fit_split = "val"``) and scored on val.
 
     Returns one entry per detector that could be fitted: its best ``params``, ``val_auroc`` and
     the fitted ``detector`` (the first best wins), and ``{detector: why}`` for those that could not
@@ -125,9 +132,10 @@ def search(names: Iterable[str], train: dict[str, np.ndarray], val: Scorer, mode
     sizes = {"feature_dim": int(train["features"].shape[1]), "num_classes": int(train["logits"].shape[1]), "num_train": len(train["labels"])}
     for name in names:
         best = {"name": name, "val_auroc": -math.inf, "params": {}, "detector": None, "candidates": 0}
-        for params in DETECTORS[name].grid(**sizes):
+        data = fit_data(name, train, val)
+        for params in DETECTORS[name].grid(**{**sizes, "num_train": len(data["labels"])}):
             try:
-                det = fit(name, params, train, model, method)
+                det = fit(name, params, data, model, method)
             except DetectorError as e:
                 failed[name] = str(e)
                 continue
@@ -180,7 +188,7 @@ def choose_detector(model, method: Method, cfg, bench: Benchmark, rank: int, wor
     best = max(results, key=lambda r: (r["val_auroc"], -results.index(r)))
     name, params = agree((best["name"], best["params"]), world)
     best = next(r for r in results if r["name"] == name)
-    det = best["detector"] if best["params"] == params else fit(name, params, train, model, method)
+    det = best["detector"] if best["params"] == params else fit(name, params, fit_data(name, train, val), model, method)
     s_id = val.scores(det)[0].astype(np.float32).astype(np.float64)  # as the run's metrics read them
     if cfg.delta_tpr is not None:
         delta = float(np.quantile(s_id, 1.0 - cfg.delta_tpr))
