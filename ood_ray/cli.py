@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     ty = sub.add_parser("toy", help="train the methods on 2-D toy data in-process and draw their OOD-score maps")
     ty.add_argument("--out", default="toy.png", help="PNG file to write (default: toy.png)")
     ty.add_argument("--seed", type=int, default=0, help="seed of the data and of every model (the same seed gives the same maps)")
-    ty.add_argument("--methods", nargs="+", help="any of softmax outlier_exposure confidence dismax logitnorm (default: all but logitnorm)")
+    ty.add_argument("--methods", nargs="+", help="any of softmax outlier_exposure confidence dismax logitnorm t2fnorm (default: the first four)")
     ty.add_argument("--mlflow", action="store_true", help="log the figure and each method's parameters as one MLflow run ($MLFLOW_TRACKING_URI or the project's sqlite store)")
     ty.add_argument("--mlflow-uri", help="log to this tracking URI (implies --mlflow)")
     ty.add_argument("--experiment", default="ood-ray-toy", help="MLflow experiment (default: ood-ray-toy)")

@@ -39,7 +39,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 __all__ = ["TOY_METHODS", "TOY_PARAMS", "DEFAULT_TOY_METHODS", "run_toy", "toy_data"]
 
-TOY_METHODS = ("softmax", "outlier_exposure", "confidence", "dismax", "logitnorm")
+TOY_METHODS = ("softmax", "outlier_exposure", "confidence", "dismax", "logitnorm", "t2fnorm")
 DEFAULT_TOY_METHODS = ("softmax", "outlier_exposure", "confidence", "dismax")
 #: Parameters that differ from a method's defaults on 2-D points, and why (shown in the figure).
 TOY_PARAMS = {"dismax": {"alpha": 0.0}}

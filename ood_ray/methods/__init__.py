@@ -17,6 +17,8 @@ REGISTRY = (
     "confidence:Confidence",
     "dismax:DisMax",
     "logitnorm:LogitNorm",
+    "rotpred:RotPred",
+    "t2fnorm:T2FNorm",
 )
 
 
