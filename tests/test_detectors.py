@@ -22,7 +22,7 @@ from ood_ray.detectors import DETECTORS, Detector, DetectorError, make_detector
 from ood_ray.detectors import knn as knn_module
 from ood_ray.detectors.base import percentile
 
-NAMES = ["msp", "maxlogit", "energy", "gen", "odin", "mahalanobis", "knn", "vim", "react", "ash", "scale", "fdbd"]
+NAMES = ["msp", "maxlogit", "energy", "gen", "odin", "mahalanobis", "knn", "vim", "react", "ash", "scale", "fdbd", "rmds", "nnguide", "tempscale", "nac"]
 LINEAR_ONLY = {"vim", "fdbd", "react", "ash", "scale"}
 D, K, N, NQ = 24, 5, 200, 50
 
@@ -378,7 +378,7 @@ def test_linear_head_detectors_refuse_other_heads_and_the_others_accept_them():
     for name in NAMES:
         det = make_detector(name)
         if name in LINEAR_ONLY:
-            with pytest.raises(DetectorError, match=rf"detector '{name}' needs a linear classification head \(nn.Linear\); this model's head is ProtoHead — use one of: msp, maxlogit, energy, gen, odin, mahalanobis, knn$"):
+            with pytest.raises(DetectorError, match=rf"detector '{name}' needs a linear classification head \(nn.Linear\); this model's head is ProtoHead — use one of: msp, maxlogit, energy, gen, odin, mahalanobis, knn, rmds, nnguide, tempscale, nac$"):
                 det.fit(z, y, head)
         else:
             model = nn.Sequential(nn.Flatten(), nn.Linear(D, K).double())

@@ -20,13 +20,17 @@ from .knn import KNN
 from .mahalanobis import Mahalanobis
 from .maxlogit import MaxLogit
 from .msp import MSP
+from .nac import NAC
+from .nnguide import NNGuide
 from .odin import ODIN
 from .react import ReAct
+from .rmds import RMDS
 from .scale import Scale
+from .tempscale import TempScale
 from .vim import ViM
 
 DETECTORS: dict[str, type[Detector]] = {
-    cls.name: cls for cls in (MSP, MaxLogit, Energy, GEN, ODIN, Mahalanobis, KNN, ViM, ReAct, ASH, Scale, FDBD)
+    cls.name: cls for cls in (MSP, MaxLogit, Energy, GEN, ODIN, Mahalanobis, KNN, ViM, ReAct, ASH, Scale, FDBD, RMDS, NNGuide, TempScale, NAC)
 }
 
 

@@ -21,9 +21,20 @@ Class attributes
     ``D`` (features), ``K`` (classes) and ``N`` (any size >= 1); ``restore`` refuses a statistic
     of another shape, a non-float one, or one holding NaN or inf. ``fit_params``: the
     parameters those statistics depend on (stored in the state; ``restore`` refuses other values).
+    ``needs_layers``: the detector reads inner layers of the model, not only the penultimate
+    features (NAC): ``layer_names(model)`` (``model`` the ``nn.Module``, a ``Classifier``) are
+    the layers it reads, the penultimate (``"backbone"``, D wide) last, and ``probe(model,
+    images, logits, names)`` (``logits``: images -> class logits through it) returns their
+    *layer probes*, a dict ``{layer name: N×C float64}`` computed with autograd
+    (``detectors.layers``); ``fit``/``score`` take such dicts instead of features. A layer's
+    probe does not depend on the other layers probed with it, nor on the parameters outside
+    ``probe_params`` (``probe_key()``), so a caller computes each layer once for every grid
+    candidate, streaming images batch by batch; a ``fit_samples`` parameter, when the detector
+    has one, caps how many train images it is fitted on.
 
 Hooks: ``validate`` (parameter ranges), ``_fit`` (statistics from train features), ``_score``,
-``_grid_point`` (adapt or drop one grid candidate given the data's sizes), ``_check_inputs``.
+``_grid_point`` (adapt or drop one grid candidate given the data's sizes), ``_check_inputs``,
+``_fit_inputs`` (checked fit inputs and the N×D features they hold), ``probe``.
 """
 
 from __future__ import annotations
@@ -55,6 +66,8 @@ class Detector:
     defaults: ClassVar[dict[str, Any]] = {}
     needs_linear_head: ClassVar[bool] = False
     needs_model: ClassVar[bool] = False
+    needs_layers: ClassVar[bool] = False
+    probe_params: ClassVar[tuple[str, ...]] = ()
     fit_split: ClassVar[str] = "train"
     grid_values: ClassVar[dict[str, list]] = {}
     state_keys: ClassVar[dict[str, tuple[str, ...]]] = {}
@@ -156,7 +169,7 @@ class Detector:
         self._fitted = False
         self._cache = {}
         self._attach(head, model)
-        z = self._check_features(features, "fit")
+        inputs, z = self._fit_inputs(features)
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
             raise self.error(f"labels must be a 1-D tensor, got {_describe(labels)}")
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -172,7 +185,7 @@ class Detector:
         if low < 0 or high >= self.num_classes:
             raise self.error(f"labels must lie in [0, {self.num_classes - 1}] (the head has {self.num_classes} classes), got [{low}, {high}]")
         with torch.no_grad():
-            stats = self._fit(z.detach(), y)
+            stats = self._fit(_detached(inputs), y)
         self._stats = {k: v.detach() for k, v in stats.items()}
         self._fitted = True
         return self
@@ -180,6 +193,23 @@ class Detector:
     def _fit(self, z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """The fitted statistics (keys ``state_keys``) from checked train features and labels."""
         return {}
+
+    def _fit_inputs(self, features: Any) -> tuple[Any, torch.Tensor]:
+        """``(inputs for _fit, the N×D features they hold)``: the checked features twice, by default."""
+        z = self._check_features(features, "fit")
+        return z, z
+
+    def layer_names(self, model: nn.Module) -> list[str]:
+        """``needs_layers`` only: the layers of ``model`` it reads, the penultimate last."""
+        raise self.error("does not read the model's layers (needs_layers is False)")
+
+    def probe(self, model: nn.Module, x: torch.Tensor, logits: Model | None = None, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """``needs_layers`` only: the probes of layers ``names`` (default ``layer_names``) of images ``x``."""
+        raise self.error("does not read the model's layers (needs_layers is False)")
+
+    def probe_key(self) -> tuple:
+        """Detectors with equal keys compute equal probes of the same images."""
+        return (self.name, *(self.params[k] for k in self.probe_params))
 
     def _attach(self, head: nn.Module, model: Model | None) -> None:
         if not isinstance(head, nn.Module):
@@ -218,10 +248,11 @@ class Detector:
         if not self._fitted:
             raise self.error("is not fitted: call fit(features, labels, head) first")
         x = self._check_inputs(x)
-        if x.shape[0] == 0:
-            return torch.empty(0, dtype=torch.float64, device=x.device)
+        first = next(iter(x.values())) if isinstance(x, dict) else x  # layer probes: a dict
+        if first.shape[0] == 0:
+            return torch.empty(0, dtype=torch.float64, device=first.device)
         with torch.no_grad():
-            out = self._score(x.detach())
+            out = self._score(_detached(x))
         return out.to(torch.float64).reshape(-1)
 
     def _score(self, x: torch.Tensor) -> torch.Tensor:
@@ -384,6 +415,11 @@ def _scalar(x: Any) -> float | None:
         return None
     value = x.item()
     return value if math.isfinite(value) else None
+
+
+def _detached(x: Any) -> Any:
+    """A tensor, or each tensor of a dict (layer probes), detached."""
+    return {k: v.detach() for k, v in x.items()} if isinstance(x, dict) else x.detach()
 
 
 def _describe(x: Any) -> str:

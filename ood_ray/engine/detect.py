@@ -61,6 +61,29 @@ def collect_features(model, method: Method, manifest: Manifest, rank: int, world
     return out if limit is None else {k: v[:limit] for k, v in out.items()}
 
 
+def collect_probes(model, method: Method, det, manifest: Manifest, rank: int, world: int, device, batch_size: int, limit: int | None = None, names: list[str] | None = None) -> dict:
+    """Gathered probes of layers ``names`` (default: all of ``det.layer_names``; ``det`` a
+    ``needs_layers`` detector, ``det.probe``) of ``manifest``:
+    ``{"probes": {layer: N×C}, "labels", "keys"}`` sorted by key, the images streamed batch by
+    batch (only the pooled probes are kept); ``limit`` picks an evenly spread subset as
+    ``collect_features`` does."""
+    net = unwrap(model).eval()
+    stride = fit_stride(manifest, limit)
+    logits = logits_fn(net, method)
+
+    def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {f"probe:{k}": v for k, v in det.probe(net, normalize(x, device, net), logits, names).items()}
+
+    out = gather(run_batches(manifest, rank, world, batch_size, run, keep=(lambda k: in_subset(k, stride)) if stride > 1 else None), world)
+    out = out if limit is None else {k: v[:limit] for k, v in out.items()}
+    return {"probes": {k[len("probe:") :]: v for k, v in out.items() if k.startswith("probe:")}, "labels": out["labels"], "keys": out["keys"]}
+
+
+def probe_tensors(data: dict) -> dict[str, torch.Tensor]:
+    """The ``probes`` of ``collect_probes`` output as tensors (what a detector fits and scores)."""
+    return {k: torch.from_numpy(v) for k, v in data["probes"].items()}
+
+
 def image_scores(det, manifest: Manifest, rank: int, world: int, device, batch_size: int, model=None) -> np.ndarray:
     """Gathered scores of a detector that scores images (``needs_model``, ODIN) on ``manifest``;
     ``model``'s preprocessing prepares the images."""
@@ -72,6 +95,7 @@ class Scorer:
 
     def __init__(self, model, method: Method, bench: Benchmark, split: str, rank: int, world: int, device, batch_size: int):
         self.model, self.method, self.rank, self.world, self.device, self.bs = model, method, rank, world, device, batch_size
+        self.bench, self.probes = bench, {}  # probes: per (probe_key, manifest, limit), per layer
         self.id_manifest = bench.val if split == "val" else bench.test
         self.ood = bench.ood_val if split == "val" else bench.ood_test
         self.id = collect_features(model, method, self.id_manifest, rank, world, device, batch_size)
@@ -79,11 +103,25 @@ class Scorer:
 
     def scores(self, det) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """``(ID scores, {OOD set: scores})`` of ``det``."""
+        if det.needs_layers:
+            run = lambda m: det.score(probe_tensors(self.probe_set(det, m))).detach().double().cpu().numpy()  # noqa: E731
+            return run(self.id_manifest), {n: run(m) for n, m in self.ood.items()}
         if det.needs_model:
             run = lambda m: image_scores(det, m, self.rank, self.world, self.device, self.bs, self.model)  # noqa: E731
             return run(self.id_manifest), {n: run(m) for n, m in self.ood.items()}
         run = lambda out: det.score(torch.from_numpy(out["features"])).detach().double().cpu().numpy()  # noqa: E731
         return run(self.id), {n: run(out) for n, out in self.ood_feats.items()}
+
+    def probe_set(self, det, manifest: Manifest, limit: int | None = None) -> dict:
+        """``collect_probes`` of ``manifest`` for ``det``: each layer computed once per probe key."""
+        key = (det.probe_key(), id(manifest), limit)
+        names = det.layer_names(unwrap(self.model))
+        have = self.probes.get(key)
+        missing = [n for n in names if have is None or n not in have["probes"]]
+        if missing:
+            new = collect_probes(self.model, self.method, det, manifest, self.rank, self.world, self.device, self.bs, limit, missing)
+            have = self.probes[key] = new if have is None else {**have, "probes": {**have["probes"], **new["probes"]}}
+        return {**have, "probes": {n: have["probes"][n] for n in names}}
 
     def mean_auroc(self, det) -> float:
         s_id, s_ood = self.scores(det)
@@ -105,11 +143,12 @@ def cpu_head(method: Method, model) -> torch.nn.Module:
 
 
 def fit(name: str, params: dict, train: dict[str, np.ndarray], model, method: Method):
-    """Detector ``name`` with ``params`` fitted on ``train`` features (from ``collect_features``)."""
+    """Detector ``name`` with ``params`` fitted on ``train`` features (from ``collect_features``;
+    layer probes from ``collect_probes`` for a ``needs_layers`` detector, see ``fit_inputs``)."""
     det = make_detector(name, **params)
     net = unwrap(model)
     return det.fit(
-        torch.from_numpy(train["features"]),
+        probe_tensors(train) if det.needs_layers else torch.from_numpy(train["features"]),
         torch.from_numpy(train["labels"]).long(),
         cpu_head(method, net),
         model=logits_fn(model, method) if det.needs_model else None,
@@ -119,6 +158,19 @@ def fit(name: str, params: dict, train: dict[str, np.ndarray], model, method: Me
 def fit_data(name: str, train: dict[str, np.ndarray], val: Scorer) -> dict[str, np.ndarray]:
     """What detector ``name`` is fitted on: the train features, or val ID's (``fit_split``)."""
     return val.id if DETECTORS[name].fit_split == "val" else train
+
+
+def fit_inputs(name: str, params: dict, train: dict[str, np.ndarray], val: Scorer) -> dict:
+    """What candidate ``name`` with ``params`` is fitted on: ``fit_data``, or for a detector with
+    ``needs_layers`` the layer probes of at most its ``fit_samples`` images of that split (and
+    at most as many as the fit subset holds), computed once per probe key by ``val``."""
+    data = fit_data(name, train, val)
+    if not DETECTORS[name].needs_layers:
+        return data
+    det = make_detector(name, **params)
+    limit = min(len(data["labels"]), int(det.params.get("fit_samples", len(data["labels"]))))
+    manifest = val.bench.train if DETECTORS[name].fit_split == "train" else val.id_manifest
+    return val.probe_set(det, manifest, max(limit, 1))
 
 
 def search(names: Iterable[str], train: dict[str, np.ndarray], val: Scorer, model, method: Method) -> tuple[list[dict], dict[str, str]]:
@@ -135,7 +187,7 @@ def search(names: Iterable[str], train: dict[str, np.ndarray], val: Scorer, mode
         data = fit_data(name, train, val)
         for params in DETECTORS[name].grid(**{**sizes, "num_train": len(data["labels"])}):
             try:
-                det = fit(name, params, data, model, method)
+                det = fit(name, params, fit_inputs(name, params, train, val), model, method)
             except DetectorError as e:
                 failed[name] = str(e)
                 continue
@@ -188,7 +240,7 @@ def choose_detector(model, method: Method, cfg, bench: Benchmark, rank: int, wor
     best = max(results, key=lambda r: (r["val_auroc"], -results.index(r)))
     name, params = agree((best["name"], best["params"]), world)
     best = next(r for r in results if r["name"] == name)
-    det = best["detector"] if best["params"] == params else fit(name, params, fit_data(name, train, val), model, method)
+    det = best["detector"] if best["params"] == params else fit(name, params, fit_inputs(name, params, train, val), model, method)
     s_id = val.scores(det)[0].astype(np.float32).astype(np.float64)  # as the run's metrics read them
     if cfg.delta_tpr is not None:
         delta = float(np.quantile(s_id, 1.0 - cfg.delta_tpr))

@@ -6,6 +6,7 @@ detector, which becomes the default score (the run's AUROC, FPR95, ...) and the 
 that δ applies to. δ here is a threshold on the detector's score (any real number), kept apart
 from the method's own ``delta`` parameter, which stays a threshold on the method's own score.
 
+A detector that reads inner layers (``needs_layers``, NAC) probes ``model`` on the batch itself.
 Feature detectors hold a CPU copy of the class head and score on the CPU (features are moved
 there), so a model moved to a GPU afterwards leaves them consistent.
 
@@ -46,7 +47,10 @@ class WithDetector:
 
     def eval_batch(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.method.eval_batch(model, x)
-        if self.detector.needs_model:  # scores images (input preprocessing): it runs the model itself
+        if self.detector.needs_layers:  # reads inner layers: probes (with gradients) of this batch
+            probes = self.detector.probe(model, x, lambda v: self.method.logits(model(v)))
+            out[self.detector.name] = self.detector.score({k: v.cpu() for k, v in probes.items()})
+        elif self.detector.needs_model:  # scores images (input preprocessing): it runs the model itself
             out[self.detector.name] = self.detector.score(x).detach()
         else:  # the fitted statistics and the head copy it holds live on the CPU
             with torch.no_grad():
