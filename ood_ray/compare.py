@@ -42,6 +42,7 @@ COLUMNS = (
     ("near FPR95", names.mean_key("test", "fpr95", "near"), False),
     ("far FPR95", names.mean_key("test", "fpr95", "far"), False),
     ("all FPR95", names.mean_key("test", "fpr95"), False),
+    ("AURC ↓", names.selective_key("test", "aurc"), False),
 )
 
 
@@ -209,7 +210,8 @@ def compare_methods(
         + (f"each method tuned by a {tune_trials}-trial sweep (objective {base.objective}, val split), " if tune_trials else f"untuned defaults (lr {base.lr}), ")
         + f"then trained with seeds {base.seed}..{base.seed + seeds - 1}. Test split; each cell is the mean"
         + (" ± the 95 % CI half-width over seeds; ▲/▼: better/worse than softmax (MSP) by a one-sided paired t-test, p < 0.05" if seeds > 1 else "")
-        + ". AUROC and FPR95 use the method's own score, OOD as the positive class. "
+        + ". AUROC and FPR95 use the method's own score, OOD as the positive class; "
+        "AURC (lower is better) is the area under that score's risk-coverage curve on test ID. "
         f"Wall time {wall / 60:.1f} min.\n\n"
     )
     text = header + tables(results, sets)
@@ -229,7 +231,7 @@ def compare_methods(
 
         (Path(tmp) / "comparison.md").write_text(text)
         (Path(tmp) / "comparison.json").write_text(json.dumps(summ, indent=2, default=str) + "\n")
-        plots.comparison_bars({n: {c[0]: values_of(r, c[1]) for c in COLUMNS if c[0] != "ECE"} for n, r in results.items()}, Path(tmp) / "comparison.png", title=f"{bench.name}: mean ± 95 % CI over {seeds} seed(s)")
+        plots.comparison_bars({n: {c[0]: values_of(r, c[1]) for c in COLUMNS if c[0] not in ("ECE", "AURC ↓")} for n, r in results.items()}, Path(tmp) / "comparison.png", title=f"{bench.name}: mean ± 95 % CI over {seeds} seed(s)")
         client.log_artifacts(pid, tmp)
     client.log_metric(pid, "wall_time_s", wall)
     client.set_terminated(pid, "FINISHED")

@@ -2,8 +2,9 @@
 
 Each detector is fitted on the train split's features (at most ``fit_samples``, evenly spread),
 its parameters are chosen on the val split (``Detector.grid``, mean val AUROC over the val OOD
-sets, as in training), and then it is scored once on the test split: AUROC, FPR95 and AUPR-In per
-test OOD set and averaged over near, far and all sets. The checkpoint's own default score
+sets, as in training), and then it is scored once on the test split: AUROC, FPR95 and AUPR-In (the
+trapezoid, as OpenOOD computes it) per test OOD set and averaged over near, far and all sets, and the
+AURC of its risk-coverage curve on test ID. The checkpoint's own default score
 (``method_<score>``) is a row too, for reference. No retraining; the test split is read only for
 the final scores. The table goes to the terminal, a Markdown file and an MLflow run.
 """
@@ -35,7 +36,7 @@ from .engine.detect import Scorer, collect_features, search
 from .engine.evaluate import score_split, scoring_mode, split_metrics
 from .progress import say
 
-COLUMNS = ("auroc", "fpr95", "aupr_in")
+COLUMNS = ("auroc", "fpr95", "aupr_in_trapz")  # AUPR-In as OpenOOD v1.5 computes it (trapezoid)
 
 
 @dataclass
@@ -69,10 +70,11 @@ class DetectorTable:
 
     def markdown(self) -> str:
         groups = [g for g in (*names.GROUPS, names.ALL) if any(names.mean_key("test", "auroc", g, r) in self.metrics for r in self.rows)]
-        head = ["detector", "parameters", "val AUROC", *self.ood_sets, *(f"**{g}**" for g in groups)]
+        head = ["detector", "parameters", "val AUROC", "AURC ↓", *self.ood_sets, *(f"**{g}**" for g in groups)]
         lines = [
-            f"Test split: AUROC / FPR95 / AUPR-In of `{self.method}` at `{self.checkpoint}`. "
-            "Detectors fitted on train features, parameters chosen on val; higher AUROC and AUPR-In and lower FPR95 are better.",
+            f"Test split: AUROC / FPR95 / AUPR-In of `{self.method}` at `{self.checkpoint}` per OOD set, and AURC on test ID. "
+            "Detectors fitted on train features, parameters chosen on val; higher AUROC and AUPR-In and lower FPR95 and AURC are better. "
+            "AUPR-In is the trapezoid under the PR curve, as OpenOOD v1.5 computes it; AURC the area under the risk-coverage curve.",
             "",
             "| " + " | ".join(head) + " |",
             "|" + "---|" * len(head),
@@ -85,9 +87,10 @@ class DetectorTable:
         for r in self.rows:
             params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params.get(r, {}).items()) or "-"
             val = self.val_auroc.get(r, math.nan)
+            aurc = self.metrics.get(names.selective_key("test", "aurc", r), math.nan)
             cells = [cell(names.set_key("test", s, "", r)) for s in self.ood_sets]
             cells += [cell(names.mean_key("test", "", g, r)) for g in groups]
-            lines.append(f"| {r} | {params} | {val:.3f} | " + " | ".join(cells) + " |")
+            lines.append(f"| {r} | {params} | {val:.3f} | {aurc:.4f} | " + " | ".join(cells) + " |")
         if self.skipped:
             lines += ["", "Left out: " + "; ".join(f"{k} ({v})" for k, v in self.skipped.items())]
         return "\n".join(lines) + "\n"

@@ -27,6 +27,19 @@ are reported:
 The two coincide only in special cases; they should not be compared with each
 other across papers.
 
+Two areas under the precision-recall curve
+------------------------------------------
+``aupr_in`` / ``aupr_out`` are scikit-learn's average precision: the step sum
+``sum_k (R_k - R_{k-1}) * P_k`` over the thresholds.  ``aupr_in_trapz`` /
+``aupr_out_trapz`` are the trapezoid under the same curve,
+``sklearn.metrics.auc(recall, precision)`` on ``precision_recall_curve`` (which
+ends at recall 0, precision 1), as OpenOOD v1.5 and pytorch-ood compute their
+AUPR-In / AUPR-Out.  They differ wherever precision changes between two
+recall levels: the trapezoid interpolates linearly (also from the end point
+(0, 1)), which precision-recall space does not allow, and is usually, not
+always, the larger.  On constant scores AP is the positive share p and the
+trapezoid (1 + p) / 2.
+
 Ties
 ----
 All threshold-based OOD metrics use :func:`sklearn.metrics.roc_curve` (with
@@ -183,6 +196,34 @@ def _fpr_at_recall(y_true: np.ndarray, score: np.ndarray, level: float) -> float
     return float(fpr[np.argmax(tpr >= level)])
 
 
+def _trapz_auprs(scores: np.ndarray, is_in: np.ndarray) -> tuple[float, float]:
+    """Trapezoid areas under the PR curves: ID positive on ``scores`` and OOD positive on ``-scores``.
+
+    Equal to ``auc(recall, precision)`` on ``precision_recall_curve`` for either orientation:
+    one point per distinct score (ties enter together), recall decreasing, closed by the point
+    (recall 0, precision 1).  Both curves come from one sort: the groups of equal scores are the
+    same read from either end, and all counts are integers, so the arrays are those
+    ``precision_recall_curve`` builds.
+    """
+    order = np.argsort(scores)[::-1]  # only the groups' counts matter: no stable sort needed
+    s = scores[order]
+    ends = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # last index of each group, score descending
+    seen = ends + 1
+    cum_in = np.cumsum(is_in[order])[ends]
+    per_group = np.diff(seen, prepend=0)
+    out_group = per_group - np.diff(cum_in, prepend=0)
+
+    def area(tps: np.ndarray, accepted: np.ndarray) -> float:
+        # thresholds strict -> lenient; precision_recall_curve lists them lenient -> strict
+        tps, accepted = tps.astype(np.float64), accepted.astype(np.float64)
+        precision = np.r_[(tps / accepted)[::-1], 1.0]
+        recall = np.r_[(tps / tps[-1])[::-1], 0.0]
+        return float(-np.trapezoid(precision, recall))  # = auc(recall, precision): recall decreases
+
+    # OOD positive on -score: the groups from the lowest score up
+    return area(cum_in, seen), area(np.cumsum(out_group[::-1]), np.cumsum(per_group[::-1]))
+
+
 def ood_metrics(scores_in, scores_out) -> dict[str, float]:
     """Threshold-free and fixed-recall OOD detection metrics.
 
@@ -192,6 +233,9 @@ def ood_metrics(scores_in, scores_out) -> dict[str, float]:
       count one half).
     - ``aupr_in``: average precision with ID positive on the score.
     - ``aupr_out``: average precision with OOD positive on ``-score``.
+    - ``aupr_in_trapz`` / ``aupr_out_trapz``: the trapezoid under the same PR
+      curves, ``auc(recall, precision)`` (OpenOOD v1.5's and pytorch-ood's
+      AUPR-In / AUPR-Out).
     - ``fpr95``: OOD positive on ``-score``; fraction of ID samples flagged as
       OOD at the first threshold where OOD recall >= 0.95 (OE / OpenOOD).
     - ``fpr95_in``: ID positive on the score; fraction of OOD samples accepted
@@ -215,10 +259,13 @@ def ood_metrics(scores_in, scores_out) -> dict[str, float]:
     is_out = 1 - is_in
 
     fpr, tpr, _ = roc_curve(is_in, scores, drop_intermediate=False)
+    trapz_in, trapz_out = _trapz_auprs(scores, is_in)
     return {
         "auroc": float(roc_auc_score(is_in, scores)),
         "aupr_in": float(average_precision_score(is_in, scores)),
         "aupr_out": float(average_precision_score(is_out, -scores)),
+        "aupr_in_trapz": trapz_in,
+        "aupr_out_trapz": trapz_out,
         "fpr95": _fpr_at_recall(is_out, -scores, _RECALL_LEVEL),
         "fpr95_in": _fpr_at_recall(is_in, scores, _RECALL_LEVEL),
         "detection_error": float(np.min(0.5 * (1.0 - tpr) + 0.5 * fpr)),

@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "ood_ray"
 MAX_LINES = 500
 #: Layers that are plain torch/numpy: no Ray, no MLflow, anywhere in them.
-PLAIN = ("config", "objective", "metrics", "metric_names", "progress", "checkpoint", "methods", "models", "data", "engine", "detectors")
+PLAIN = ("config", "objective", "metrics", "metric_names", "selective", "progress", "checkpoint", "methods", "models", "data", "engine", "detectors")
 
 
 def modules() -> dict[str, Path]:

@@ -403,3 +403,65 @@ def test_optuna_plots_ignore_nonfinite_trials(tmp_path):
     got = plots.optuna_plots(s, tmp_path)
     assert isinstance(got["optimization_history"], Path)
     assert re.search(r"has 1$", got["param_importances"])
+
+
+# ---------------------------------------------------------------------------
+# risk-coverage
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def selective():
+    rng = np.random.default_rng(2)
+    correct = rng.random(400) < 0.8
+    good = correct + rng.normal(0.0, 0.6, 400)
+    return {"msp": good, "energy": np.round(good + rng.normal(0.0, 0.5, 400), 1), "random": rng.normal(size=400)}, correct
+
+
+def test_risk_coverage_writes_png(tmp_path, selective):
+    scores, correct = selective
+    target = tmp_path / "x" / "rc.png"
+    assert plots.risk_coverage(scores, correct, str(target), title="best trial") == target
+    assert_png(target)
+
+
+def test_risk_coverage_legend_and_curves_match_selective_metrics(tmp_path, selective, closed):
+    from ood_ray.selective import oracle_aurc, risk_coverage_curve, selective_metrics
+
+    scores, correct = selective
+    plots.risk_coverage(scores, correct.astype(int), tmp_path / "rc.png")
+    (fig,) = closed
+    (ax,) = fig.axes
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    r = 1.0 - correct.mean()
+    assert labels == [f"{n} (AURC {selective_metrics(s, correct)['aurc']:.4f})" for n, s in scores.items()] + [f"oracle (AURC {oracle_aurc(r):.4f})"]
+    lines = ax.get_lines()
+    assert [ln.get_linestyle() for ln in lines] == ["-", "-", "-", "--"]
+    for line, s in zip(lines, scores.values(), strict=False):
+        cov, risk, _ = risk_coverage_curve(s, correct)
+        x, y = line.get_xdata(), line.get_ydata()
+        np.testing.assert_allclose(x[1:], cov)
+        np.testing.assert_allclose(y[1:], risk)
+        assert line.get_drawstyle() == "steps-pre" and x[0] == 0.0 and x[-1] == 1.0
+        assert y[-1] == pytest.approx(r)  # every curve ends at the error rate of all ID
+    oracle = lines[-1]
+    assert oracle.get_ydata()[np.searchsorted(oracle.get_xdata(), 1.0 - r) - 1] == 0.0 and oracle.get_ydata()[-1] == pytest.approx(r)
+
+
+@pytest.mark.parametrize(
+    ("call", "needles"),
+    [
+        (lambda p: plots.risk_coverage({}, [True], p), ["scores", "empty"]),
+        (lambda p: plots.risk_coverage({"a": [1.0, 2.0], "b": [1.0]}, [True, False], p), ["sizes", "[1, 2]"]),
+        (lambda p: plots.risk_coverage({"a": [1.0, np.nan]}, [True, False], p), ["scores['a']", "non-finite"]),
+        (lambda p: plots.risk_coverage({"a": [1.0, 2.0]}, [True], p), ["correct", "(1,)"]),
+        (lambda p: plots.risk_coverage({"a": [1.0, 2.0]}, [0.5, 1.0], p), ["correct", "boolean"]),
+    ],
+)
+def test_risk_coverage_bad_input_names_it(tmp_path, call, needles):
+    target = tmp_path / "out" / "rc.png"
+    with pytest.raises(ValueError) as err:
+        call(target)
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+    assert not target.parent.exists()

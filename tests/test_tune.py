@@ -130,7 +130,7 @@ def test_small_sweep_end_to_end(ray_session, digits_ood, tmp_path, method, runne
     assert parent.data.metrics["best_test_auroc"] == pytest.approx(out.test_metrics["test_auroc"])
     assert "default_objective" in parent.data.metrics
     names = {a.path for a in client.list_artifacts(out.parent_run_id)}
-    assert {"roc_test.png", "score_histograms_test.png", "reliability_val.png", "test_table.md", "search_space.json", "optimization_history.png"} <= names
+    assert {"roc_test.png", "score_histograms_test.png", "risk_coverage_test.png", "reliability_val.png", "test_table.md", "search_space.json", "optimization_history.png"} <= names
 
     children = child_runs(uri, out.parent_run_id)
     assert sorted(r.data.tags["ood_ray.trial_id"] for r in children) == sorted(t["trial_id"] for t in out.trials)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from .. import metric_names as names
 from .. import metrics as M
+from .. import selective
 from ..checkpoint import unwrap
 from ..data.manifest import Benchmark, Manifest
 from ..data.streams import eval_batches
@@ -86,11 +87,14 @@ def split_metrics(
 
     Names are built by ``ood_ray.metric_names``: ``{prefix}_ood_{set}_{metric}`` for the method's
     default score, ``{prefix}_ood_{set}_{score}_{metric}`` for the other scores, ``{prefix}_{metric}``
-    for the mean over all OOD sets and ``{prefix}_{near|far}_{metric}`` for the group means.
+    for the mean over all OOD sets and ``{prefix}_{near|far}_{metric}`` for the group means; the
+    risk-coverage metrics of each score on the ID split as ``{prefix}_[{score}_]aurc`` etc.
     """
     res = {names.id_key(prefix, k): v for k, v in id_metrics(id_out).items()}
+    correct = id_out["logits"].argmax(1) == id_out["labels"]
     for score in score_names:
         tag = None if score == default_score else score
+        res.update({names.selective_key(prefix, k, tag): v for k, v in selective.selective_metrics(id_out[score], correct).items()})
         per_set = {name: M.ood_metrics(id_out[score], out[score]) for name, out in ood_outs.items()}
         for name, ms in per_set.items():
             res.update({names.set_key(prefix, name, k, tag): v for k, v in ms.items()})

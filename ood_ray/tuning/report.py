@@ -227,6 +227,8 @@ def evaluate_checkpoint(checkpoint_path: str, batch_size: int) -> dict:
         "score": method.default_score,
         "test_id_scores": test_id[method.default_score],
         "test_ood_scores": {name: out[method.default_score] for name, out in test_ood.items()},
+        "test_id_all_scores": {name: test_id[name] for name in method.score_names()},
+        "test_correct": test_id["logits"].argmax(1) == test_id["labels"],
         "val_logits": val["logits"],
         "val_labels": val["labels"],
         "temperature": temperature,
@@ -259,6 +261,7 @@ def write_artifacts(sweep, client, parent_id, trials, best, default, evaluation)
         score = evaluation["score"]
         plots.roc_curves(evaluation["test_id_scores"], evaluation["test_ood_scores"], out / "roc_test.png", title=f"best trial {best['trial_id']}: ROC on test ({score})")
         plots.score_histograms(evaluation["test_id_scores"], evaluation["test_ood_scores"], out / "score_histograms_test.png", title=f"{score}: test ID vs each test OOD set")
+        plots.risk_coverage(evaluation["test_id_all_scores"], evaluation["test_correct"], out / "risk_coverage_test.png", title=f"best trial {best['trial_id']}: risk-coverage on test ID")
         logits, labels = evaluation["val_logits"], evaluation["val_labels"]
         curves = {"as trained": softmax(logits)}
         t = evaluation["temperature"]
