@@ -98,6 +98,8 @@ def cmd_tune(ns: argparse.Namespace) -> int:
         name=ns.name,
         seed=ns.sweep_seed,
         asha=ns.asha,
+        scheduler=ns.scheduler,
+        pbt_interval=ns.pbt_interval,
         grace_period=ns.grace_period,
         reduction_factor=ns.reduction_factor,
         include_default=ns.default_trial,
@@ -286,7 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--name", help="sweep name (default: <method>-sweep-<time>); names the Tune folder and the MLflow parent run")
     tu.add_argument("--resume", action="store_true", help="continue an interrupted sweep (--name, or the latest sweep of the method)")
     tu.add_argument("--sweep-seed", type=int, default=0, help="seed of Optuna's TPE sampler")
-    tu.add_argument("--asha", action=argparse.BooleanOptionalAction, default=True, help="ASHA early stopping on the per-epoch objective")
+    tu.add_argument(
+        "--scheduler",
+        choices=("asha", "pbt", "none"),
+        help="trial scheduler: asha = early stopping of poor trials (Optuna suggests each trial's values); pbt = Population Based "
+        "Training (poor trials continue from good trials' checkpoints with perturbed lr and method parameters; --trial-runner tune); "
+        "none (default: asha, or none with --no-asha)",
+    )
+    tu.add_argument("--pbt-interval", type=int, default=2, help="PBT: epochs between a trial's exploit/explore steps (default 2)")
+    tu.add_argument("--asha", action=argparse.BooleanOptionalAction, default=True, help="ASHA early stopping on the per-epoch objective (--no-asha = --scheduler none)")
     tu.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial (default: a quarter of --epochs, at least 1)")
     tu.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA keeps the top 1/factor at each rung")
     tu.add_argument("--default-trial", action=argparse.BooleanOptionalAction, default=True, help="run the untuned default configuration as the first trial")

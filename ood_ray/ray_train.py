@@ -63,10 +63,17 @@ class TuneWorker:
     checkpoint in the trial's folder, restarts a failed trial from its latest one
     (``FailureConfig``) and restores unfinished trials on ``--resume``: ``tune.get_checkpoint``
     then returns it, exactly as ``ray.train.get_checkpoint`` does for a Train worker.
+
+    ``run_id`` (the trial id) marks each checkpoint with the trial that wrote it: when PBT's exploit
+    restarts this trial from another trial's checkpoint, ``tune.get_checkpoint`` returns that one,
+    and the loop reports whose it was (``engine.loop.adopted``).
     """
 
     def __init__(self, device: str | torch.device = "cpu"):
+        from ray import tune
+
         self.rank, self.world, self.device = 0, 1, torch.device(device)
+        self.run_id = tune.get_context().get_trial_id()
         ray_compat.quiet_checkpoint_log()
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:

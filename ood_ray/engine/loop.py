@@ -18,7 +18,15 @@ from typing import Protocol
 
 import torch
 
-from ..checkpoint import METRICS_FILE, init_weights, load_state, model_meta, save_checkpoint, unwrap
+from ..checkpoint import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    init_weights,
+    load_state,
+    model_meta,
+    save_checkpoint,
+    unwrap,
+)
 from ..config import TrainConfig
 from ..data.manifest import Benchmark, DataError
 from ..data.streams import (
@@ -73,6 +81,45 @@ def train_step(model, method: Method, opt, sched, x, y, x_out, state: dict, worl
     return res
 
 
+#: Which run wrote a checkpoint, in its folder; written when the worker has a ``run_id`` (a Tune trial).
+ORIGIN_FILE = "origin.json"
+
+
+def follow_config(cfg: TrainConfig, opt, sched, bases: list[float]) -> None:
+    """After loading a checkpoint: its optimizer and schedule take ``cfg``'s learning rate and weight
+    decay (``bases``: each group's base learning rate from ``cfg``), at the schedule's position.
+
+    A run's own checkpoint already has them (no change); one resumed under another config, as PBT's
+    exploit restarts a trial from another trial's checkpoint, would otherwise keep the writer's.
+    """
+    for group, base, old in zip(opt.param_groups, bases, sched.base_lrs, strict=True):
+        if base != old:
+            group["lr"] = group["lr"] * base / old if old > 0 else base
+        group["initial_lr"] = base
+        group["weight_decay"] = cfg.weight_decay
+    sched.base_lrs = list(bases)
+
+
+def adopted(folder: str, cfg: TrainConfig, run_id: str | None) -> dict:
+    """Report keys for a checkpoint that another run wrote (PBT's exploit), read from the checkpoint:
+    ``exploit_from`` (the writer), ``exploit_from_epoch`` and, for each training setting that
+    differs, ``exploit_old_<name>`` / ``exploit_new_<name>``. Empty for the run's own checkpoint."""
+    path = Path(folder, ORIGIN_FILE)
+    if run_id is None or not path.is_file():
+        return {}
+    origin = json.loads(path.read_text())
+    if origin.get("run") in (None, run_id):
+        return {}
+    old = json.loads(Path(folder, CONFIG_FILE).read_text())
+    pairs = {"lr": (old.get("lr"), cfg.lr), "weight_decay": (old.get("weight_decay"), cfg.weight_decay)}
+    pairs.update({k: (old.get("method_params", {}).get(k), v) for k, v in cfg.method_params.items()})
+    out = {"exploit_from": str(origin["run"]), "exploit_from_epoch": int(origin["epoch"])}
+    for k, (was, now) in pairs.items():
+        if was != now:
+            out[f"exploit_old_{k}"], out[f"exploit_new_{k}"] = was, now
+    return out
+
+
 def process_rss_mb() -> float:
     """Resident memory of this process and its children (DataLoader workers), in MiB."""
     import psutil
@@ -113,14 +160,18 @@ def train_loop(cfg: TrainConfig, worker: Worker, bench: Benchmark | None = None)
     bs = cfg.per_worker_batch
     steps = [batches_per_epoch(bench.train, world, bs, e, cfg.seed) for e in range(cfg.epochs)]
     sched = make_scheduler(cfg, opt, sum(steps))
-    state, start = method.initial_state(), 0
+    state, start, resumed = method.initial_state(), 0, {}
+    run_id = getattr(worker, "run_id", None)  # set where a checkpoint may come from another run (PBT)
     with worker.resume_from() as (d, ckpt_path):
         if d is not None:
             saved = load_state(d)
             unwrap(model).load_state_dict(saved["model"])
+            bases = [g["initial_lr"] for g in opt.param_groups]  # cfg's, set by the new scheduler
             opt.load_state_dict(saved["optimizer"])
             sched.load_state_dict(saved["scheduler"])
+            follow_config(cfg, opt, sched, bases)
             state, start = saved["method_state"], saved["epoch"] + 1
+            resumed = adopted(d, cfg, run_id)
             if start >= cfg.epochs:  # finished before an interruption: report the final result again
                 final = json.loads(Path(d, METRICS_FILE).read_text())
     if start >= cfg.epochs:
@@ -128,7 +179,7 @@ def train_loop(cfg: TrainConfig, worker: Worker, bench: Benchmark | None = None)
         worker.report({**final, "checkpoint_path": ckpt_path}, None)
         return
     if start and rank == 0:
-        say(f"resuming after the checkpoint of epoch {start}")
+        say(f"resuming after the checkpoint of epoch {start}" + (f" of {resumed['exploit_from']}" if resumed else ""))
     net = unwrap(model)
     meta = model_meta(cfg, bench.class_names, bench.train.image_size, bench.train.mode, model=net)
     prep, crop_gen = net.preprocess, torch.Generator().manual_seed(cfg.seed * 7919 + rank)
@@ -183,6 +234,7 @@ def train_loop(cfg: TrainConfig, worker: Worker, bench: Benchmark | None = None)
             "train_images": n * bs * world,
             "start_epoch": start,  # > 0 after resuming from a checkpoint
             "worker_rss_mb": process_rss_mb(),  # rank 0's process and its loader workers
+            **(resumed if epoch == start else {}),  # the first epoch on another run's checkpoint
         }
         metrics.update(skipped_metrics(bench, world, device))
         metrics.update({f"state_{k}": float(v) for k, v in state.items() if isinstance(v, int | float)})
@@ -226,4 +278,6 @@ def train_loop(cfg: TrainConfig, worker: Worker, bench: Benchmark | None = None)
             if rank == 0:
                 save_checkpoint(tmp, model, opt, sched, epoch, state, cfg, meta, detector=getattr(method, "detector", None))
                 Path(tmp, METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=float) + "\n")
+                if run_id is not None:
+                    Path(tmp, ORIGIN_FILE).write_text(json.dumps({"run": run_id, "epoch": epoch + 1}) + "\n")
             worker.report(metrics, tmp if rank == 0 else None)

@@ -47,6 +47,10 @@ class Method:
         every run and sweep trial (returning another key is an error).
         ``exported_output``: one line saying what the exported model (``flat_output``) returns;
         stored in the checkpoint's model.json.
+        ``pbt_params``: the parameters Population Based Training may change while a trial trains
+        (``ood-ray tune --scheduler pbt``), each within its ``search_space`` range. ``None`` (the
+        default): every float ``search_space`` suggests, except those that only seed
+        ``initial_state`` (read once, at the start of training). ``()``: none.
 
     Hooks: ``make_head`` (required), ``training_step`` (required), ``logits``, ``scores``,
     ``eval_batch``, ``score_names``, ``flat_output``, ``initial_state``, ``update_state``,
@@ -71,6 +75,7 @@ class Method:
     labels: dict[str, str] = {}  # names used in error messages, e.g. "budget (β)"
     calibration_keys: tuple[str, ...] = ()  # what calibrate() returns, recorded as metrics
     exported_output: str = "Exported models return the class logits (MLflow needs a single output tensor)."
+    pbt_params: tuple[str, ...] | None = None  # what PBT may change mid-training; None = derived (see above)
 
     def __init__(self, params: dict | None = None):
         self.params = {**self.defaults, **(params or {})}

@@ -25,7 +25,9 @@ class SweepConfig:
     concurrency: int | None = None  # None = as many trials as the cluster's resources allow
     name: str | None = None  # sweep name: Tune experiment folder and MLflow parent run
     seed: int = 0
-    asha: bool = True
+    asha: bool = True  # the scheduler when ``scheduler`` is unset: ASHA (True) or none (False)
+    scheduler: str | None = None  # "asha", "pbt" or "none"; None = from ``asha``
+    pbt_interval: int = 2  # PBT: epochs between a trial's exploit/explore steps
     grace_period: int | None = None  # epochs before ASHA may stop a trial; None = a quarter of the epochs (>= 1)
     reduction_factor: float = 2.0
     include_default: bool = True  # the first trial is the untuned default configuration
@@ -90,7 +92,24 @@ class SweepConfig:
             bad("trial_runner", "choose auto, tune (the loop in the Tune trial, one worker) or train (a Ray Train TorchTrainer)")
         if self.trial_runner == "tune" and self.base.num_workers != 1:
             bad("trial_runner", f"'tune' runs the loop in the trial itself, so it needs num_workers=1 (got {self.base.num_workers})")
+        if self.scheduler not in (None, "asha", "pbt", "none"):
+            bad("scheduler", "choose asha (early stopping), pbt (Population Based Training) or none")
+        if self.scheduler_kind == "pbt":
+            if not is_int(self.pbt_interval) or not 1 <= self.pbt_interval < self.base.epochs:
+                bad("pbt_interval", f"PBT's interval is an integer number of epochs in [1, epochs - 1 = {self.base.epochs - 1}] (no step follows the last epoch)")
+            if self.runner == "train":
+                bad(
+                    "scheduler",
+                    "PBT restarts a trial from another trial's checkpoint, which Ray 2.60 can do only for a trial that trains in its own "
+                    "Tune trial process: use --trial-runner tune (with --num-workers 1). A trial that runs a Ray Train TorchTrainer hands "
+                    "Tune no checkpoint to clone (TuneReportCallback forwards only its path) and cannot start from a given one",
+                )
         return self
+
+    @property
+    def scheduler_kind(self) -> str:
+        """The trial scheduler: ``scheduler`` when given, else ``asha`` or ``none`` from ``asha``."""
+        return self.scheduler or ("asha" if self.asha else "none")
 
     @property
     def grace(self) -> int:

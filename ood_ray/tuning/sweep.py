@@ -1,4 +1,4 @@
-"""``run_sweep``: the Tuner of a sweep (Optuna + ASHA), its MLflow parent run, resume."""
+"""``run_sweep``: the Tuner of a sweep (Optuna + ASHA, or PBT), its MLflow parent run, resume."""
 
 from __future__ import annotations
 
@@ -131,15 +131,20 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
     elif parent is not None or ("://" not in exp_path and Path(exp_path).exists()):
         raise ConfigError(f"name={name!r}: a sweep of that name exists in {exp_path}; pass --resume to continue it or choose another name")
     space = SearchSpace(sweep.method, base.lr)
+    kind = sweep.scheduler_kind
+    if kind == "pbt":
+        from . import pbt
     if parent is None:
         parent = client.create_run(exp_id, run_name=name, tags={SWEEP_TAG: name, "ood_ray.kind": "sweep", "ood_ray.method": sweep.method, **liveness.driver_tags()})
         args = {k: v for k, v in sweep.to_dict().items() if k != "base"}
         args["trial_runner"] = sweep.runner  # the path chosen, also when it was "auto"
         args["grace_period"] = sweep.grace  # the value used, also when it was derived
+        args["scheduler"] = kind  # also when it came from --asha/--no-asha
         client.log_batch(parent.info.run_id, params=tracking.params_of({**args, "base": base.to_dict()}))
         provenance.record(client, parent.info.run_id, bench, "tuning")
         with tempfile.TemporaryDirectory() as tmp:
-            Path(tmp, "search_space.json").write_text(json.dumps({"space": space.describe(), "posthoc_grid": METHODS[sweep.method].posthoc_grid()}, indent=2) + "\n")
+            described = {"space": space.describe(), "posthoc_grid": METHODS[sweep.method].posthoc_grid(), **({"pbt": pbt.pbt_plan(sweep)} if kind == "pbt" else {})}
+            Path(tmp, "search_space.json").write_text(json.dumps(described, indent=2) + "\n")
             Path(tmp, "sweep.json").write_text(json.dumps(redacted(sweep.to_dict()), indent=2, default=str) + "\n")
             client.log_artifacts(parent.info.run_id, tmp)
     else:
@@ -150,11 +155,13 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
                 f"resume: sweep {name!r} started its trials with trial_runner={started!r}, this command would use {sweep.runner!r}; "
                 f"pass the same --num-workers (and --trial-runner) as when the sweep started"
             )
+        if parent.data.params.get("scheduler", kind) != kind:  # the restored Tuner keeps its own
+            raise ConfigError(f"resume: sweep {name!r} started with --scheduler {parent.data.params['scheduler']}; pass the same --scheduler to resume it")
         liveness.claim(client, parent)  # this process drives it now (before it is RUNNING again)
         client.update_run(parent.info.run_id, status="RUNNING")
     parent_id = parent.info.run_id
     say(f"sweep {name!r}: MLflow parent run {parent_id} in experiment {base.experiment!r} at {base.mlflow_uri}")
-    say(f"sweep folder {exp_path}; Optuna study {sweep.optuna_url(name)}")
+    say(f"sweep folder {exp_path}" + ("; PBT: no Optuna study" if kind == "pbt" else f"; Optuna study {sweep.optuna_url(name)}"))
 
     try:
         ensure_ray()
@@ -162,7 +169,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         gpus = sweep.gpus_per_worker if sweep.gpus_per_worker is not None else (1.0 if cluster.get("GPU", 0) > 0 else 0.0)
         concurrency = plan_concurrency(sweep, cluster, gpus)
         how = "automatic" if sweep.trial_runner == "auto" else "--trial-runner"
-        if sweep.asha:
+        if kind == "asha":
             say(f"ASHA may stop trials from epoch {sweep.grace} on (rungs at epochs {sweep.grace}, {sweep.grace * sweep.reduction_factor:g}, ...)")
         if sweep.runner == "tune":
             say(f"{sweep.num_trials} trials of {base.epochs} epochs, {concurrency} at a time; each trains in its Tune trial process (1 worker; {how})")
@@ -184,14 +191,20 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
             )
         scheduler = (
             ASHAScheduler(metric="objective", mode="max", time_attr="training_iteration", max_t=base.epochs, grace_period=sweep.grace, reduction_factor=sweep.reduction_factor)
-            if sweep.asha
+            if kind == "asha"
             else None
         )
+        population, sampled, keep = None, {}, 2  # a "tune" trial's checkpoints: its last two, as a TorchTrainer keeps its own
+        if kind == "pbt":  # the population: default point, given points, random draws (tuning/pbt.py)
+            scheduler, population, sampled = pbt.make_pbt(sweep, concurrency)
+            keep = sweep.pbt_interval + 2  # a donor's checkpoint must outlive its next `interval` epochs
+            say(f"PBT every {sweep.pbt_interval} epochs: the worst quarter of the trials (at least one) continue from the best quarter's checkpoints with perturbed {', '.join(pbt.pbt_plan(sweep)['mutated'])}")
         ray_compat.set_experiment_snapshot_interval(1)  # --resume loses at most ~1 s
         trainable = tune.with_resources(tune.with_parameters(run_trial, benchmark=bench.to_spec()), trial_resources(sweep, gpus))
         # A "tune" trial is its own worker, so the worker retries (max_failures) are Tune's to make.
         retries = max(sweep.max_trial_failures, base.max_failures) if sweep.runner == "tune" else sweep.max_trial_failures
-        recorder = SweepRecorder(base.mlflow_uri, exp_id, parent_id, name, base.epochs, sweep.num_trials, trial_config, bench)
+        recorder_class = pbt.PBTRecorder if kind == "pbt" else SweepRecorder
+        recorder = recorder_class(base.mlflow_uri, exp_id, parent_id, name, base.epochs, sweep.num_trials, trial_config, bench)
         if sweep.resume:
             say(f"resuming sweep {name!r} from {exp_path}")
             try:
@@ -206,23 +219,25 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         else:
             tuner = tune.Tuner(
                 trainable,
-                param_space={"base": base.to_dict(), "sweep_name": name, "gpus_per_worker": gpus, "runner": sweep.runner},
+                param_space={"base": base.to_dict(), "sweep_name": name, "gpus_per_worker": gpus, "runner": sweep.runner, **sampled},
                 tune_config=tune.TuneConfig(
-                    num_samples=sweep.num_trials, search_alg=new_searcher(), scheduler=scheduler, max_concurrent_trials=concurrency, trial_dirname_creator=trial_dirname,
+                    num_samples=sweep.num_trials, search_alg=population if population is not None else new_searcher(), scheduler=scheduler,
+                    # PBT: every trial exists from the start and they take turns on the resources (a
+                    # limit here would create the later trials only after the first ones ended)
+                    max_concurrent_trials=None if kind == "pbt" else concurrency, trial_dirname_creator=trial_dirname,
                     # A finished trial's actor (its process, torch and ood_ray imported) runs the next
                     # trial: one process start and its imports less per trial. A "tune" trial that
                     # ASHA stops ends its loop at its next step (TuneWorker.stop_requested); a
                     # "train" trial it stops is still inside trainer.fit(), so its actor cannot be
                     # reset for reuse.
-                    reuse_actors=sweep.runner == "tune" or not sweep.asha,
+                    reuse_actors=sweep.runner == "tune" or kind != "asha",
                 ),
                 run_config=tune.RunConfig(
                     name=name,
                     storage_path=base.storage_path,
                     callbacks=[recorder],
                     failure_config=tune.FailureConfig(max_failures=retries),
-                    # a "tune" trial's checkpoints: its last two, as a TorchTrainer keeps its own
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
                     verbose=0,
                 ),
             )
@@ -233,8 +248,10 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
             f"--resume --name {name}: nothing is trained again, the missing records are logged and the best model is registered."
         )
         # catch up from what Tune stored: records missed during an MLflow outage, or before a resume
-        catch_up = SweepRecorder(base.mlflow_uri, exp_id, parent_id, name, base.epochs, sweep.num_trials, trial_config, bench)
+        catch_up = recorder_class(base.mlflow_uri, exp_id, parent_id, name, base.epochs, sweep.num_trials, trial_config, bench)
         catch_up.backfill(grid)
+        if kind == "pbt":  # exploits the live recorder could not write yet (none after a resume: Tune restored its own)
+            catch_up.take_over(recorder)
         if not catch_up.sync(force=True):
             raise tracking.TrackingError(f"MLflow at {base.mlflow_uri} does not answer; {catch_up.unlogged} records are not logged. {relog_hint}")
         close_orphans(sweep, client, parent_id, {trial_id_of(r) for r in grid})
@@ -272,11 +289,12 @@ def close_orphans(sweep: SweepConfig, client: MlflowClient, parent_id: str, know
     """
     import optuna
 
-    study = optuna.load_study(study_name=sweep.name, storage=sweep.optuna_url(sweep.name))
-    for t in study.trials:
-        if t.state == optuna.trial.TrialState.RUNNING:
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            say(f"Optuna trial {t.number} was interrupted before the sweep's state was saved; marked FAIL")
+    if sweep.scheduler_kind != "pbt":  # a PBT sweep has no Optuna study
+        study = optuna.load_study(study_name=sweep.name, storage=sweep.optuna_url(sweep.name))
+        for t in study.trials:
+            if t.state == optuna.trial.TrialState.RUNNING:
+                study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+                say(f"Optuna trial {t.number} was interrupted before the sweep's state was saved; marked FAIL")
     exp = client.get_run(parent_id).info.experiment_id
     for run in client.search_runs([exp], f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status != 'FINISHED'"):
         left = run.info.status == "RUNNING" or liveness.was_lost(run)  # closed at the start: its driver was gone

@@ -1,0 +1,243 @@
+"""Population Based Training for a sweep (``--scheduler pbt``): the population, the mutations, the
+scheduler and what MLflow records of each exploit.
+
+* The initial population: the untuned default point (``include_default``), the given
+  ``points_to_evaluate``, then random draws (Tune's ``BasicVariantGenerator``, seeded with the
+  sweep's seed) from the sweep's search space, converted from its Optuna distributions. No Optuna
+  study: Ray's PBT refuses a searcher (``SearchGenerator``), and a define-by-run suggestion would be
+  stale as soon as PBT changes the trial's values.
+* What PBT changes: the learning rate (in the space's range) and the method's ``pbt_params``
+  (``Method`` contract: by default every float of its ``search_space`` that does not only seed its
+  ``initial_state``); a perturbed value (x0.8 or x1.2) is clipped into its range.
+* The exploit restarts the trial from the donor's latest checkpoint through Tune
+  (``tune.get_checkpoint``); the loop reads whose checkpoint it got and reports it
+  (``engine.loop.adopted``), and ``PBTRecorder`` writes that to the trial's MLflow run.
+
+Module level throughout: Tune pickles the scheduler and the callbacks with the experiment state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+from ray.tune.search import BasicVariantGenerator
+
+from ..methods import METHODS
+from ..progress import say
+from ..tracking.recorder import SweepRecorder
+from ..tracking.store import log_metrics, set_tag
+from .config import SweepConfig
+from .space import SearchSpace, default_point
+
+EXPLOIT_TAG = "ood_ray.pbt.exploit"  # ood_ray.pbt.exploit.<n>: the n-th exploit of a trial (JSON)
+
+
+def space_distributions(method: str, lr: float) -> dict:
+    """The sweep's search space as Optuna distributions by flat name (read off a recording trial).
+
+    PBT needs a fixed set of parameters: a space whose parameters depend on earlier suggestions
+    would be read along one branch only.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    SearchSpace(method, lr)(trial)
+    return dict(trial.distributions)
+
+
+def tune_domain(dist):
+    """A Tune search-space domain equivalent to an Optuna distribution."""
+    import optuna.distributions as od
+
+    if isinstance(dist, od.CategoricalDistribution):
+        return tune.choice(list(dist.choices))
+    if isinstance(dist, od.IntDistribution):
+        if dist.log:
+            return tune.lograndint(dist.low, dist.high + 1)
+        return tune.qrandint(dist.low, dist.high, dist.step) if dist.step and dist.step > 1 else tune.randint(dist.low, dist.high + 1)
+    if dist.log:
+        return tune.loguniform(dist.low, dist.high)
+    return tune.quniform(dist.low, dist.high, dist.step) if dist.step else tune.uniform(dist.low, dist.high)
+
+
+def mutable_params(method: str, dists: dict) -> list[str]:
+    """The method parameters PBT may change: its ``pbt_params``, or the derived default."""
+    import optuna.distributions as od
+
+    cls = METHODS[method]
+    if cls.pbt_params is not None:
+        return list(cls.pbt_params)
+    seeds = set(cls().initial_state())  # read once, at the start: changing them later does nothing
+    own = [k for k in dists if k not in ("lr", "weight_decay")]
+    return [k for k in own if isinstance(dists[k], od.FloatDistribution) and k not in seeds]
+
+
+def nested(flat: dict) -> dict:
+    """A point in flat Optuna names as a trial config: ``lr``, ``weight_decay``, ``method_params``."""
+    return {
+        **{k: flat[k] for k in ("lr", "weight_decay") if k in flat},
+        "method_params": {k: v for k, v in flat.items() if k not in ("lr", "weight_decay")},
+    }
+
+
+class Clip:
+    """PBT's ``custom_explore_fn``: puts each mutated value back into its range (x1.2 may leave it)."""
+
+    def __init__(self, bounds: dict[str, tuple[float, float]]):
+        self.bounds = bounds  # flat name -> (low, high)
+
+    def __call__(self, config: dict) -> dict:
+        for name, (low, high) in self.bounds.items():
+            holder = config if name == "lr" else config["method_params"]
+            holder[name] = float(min(max(holder[name], low), high))
+        return config
+
+
+class SweepPBT(PopulationBasedTraining):
+    """Ray's PBT with two changes.
+
+    * Nothing at a trial's last epoch: nothing is left to train there, and an exploit would only
+      replay the donor's final result under another trial's name.
+    * A good trial's checkpoint is the one its report carries. Ray 2.60's PBT asks the controller
+      for one more save of it (private ``_schedule_trial_save``); for a function trial that
+      registers the reported checkpoint a second time, so it fills two of ``num_to_keep``'s places
+      and is deleted twice (``FileNotFoundError`` logged as "Error handling checkpoint", and a
+      donor's checkpoint gone sooner than ``num_to_keep`` promises).
+    * Every trial's checkpoint at a PBT step is kept as the one to clone, not only a trial's that
+      was in the top quantile when it reported: Ray's PBT forgets the checkpoint of a trial that
+      reported before the others had scores (the first trials to start, a step ahead), so the
+      poor trials had nothing to clone until that trial's next step, or its end.
+    * With the whole population running at once (``multiplex=False``), a trial goes on training
+      while another is paused for its exploit: Ray's PBT pauses every reporting trial while any is
+      paused, so that paused trials get their turn, which only matters when they take turns.
+    """
+
+    def __init__(self, *args, last: int, multiplex: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.last, self.multiplex = last, multiplex
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get(self._time_attr, 0) >= self.last:
+            return TrialScheduler.CONTINUE
+        name, reported = result.get("checkpoint_dir_name"), None
+        if isinstance(name, str) and name:
+            reported = tune.Checkpoint(f"{trial.path.rstrip('/')}/{name}", filesystem=trial.storage.storage_filesystem)
+            tune_controller = ReportedSave(tune_controller, trial, reported)
+        decision = super().on_trial_result(tune_controller, trial, result)
+        state = self._trial_state[trial]
+        stepped = state.last_train_time == result.get(self._time_attr)  # this report was a PBT step
+        if reported is not None and stepped and state.last_checkpoint is None and trial.status != Trial.PAUSED:  # paused: exploited
+            state.last_checkpoint = reported
+        if decision == TrialScheduler.PAUSE and not self.multiplex and trial.status != Trial.PAUSED:
+            return TrialScheduler.CONTINUE
+        return decision
+
+
+class ReportedSave:
+    """The Tune controller as PBT sees it: a save of a trial is the checkpoint it just reported."""
+
+    def __init__(self, controller, trial, checkpoint):
+        self._controller, self._trial, self._checkpoint = controller, trial, checkpoint
+
+    def _schedule_trial_save(self, trial, result=None):
+        if trial is self._trial:
+            return self._checkpoint
+        return self._controller._schedule_trial_save(trial, result)
+
+    def __getattr__(self, name):
+        return getattr(self._controller, name)
+
+
+def pbt_plan(sweep: SweepConfig) -> dict:
+    """What a PBT sweep mutates and within which ranges (recorded in the sweep's parent run)."""
+    base = sweep.base
+    dists = space_distributions(sweep.method, base.lr)
+    names = ["lr", *mutable_params(sweep.method, dists)]
+    return {"interval": sweep.pbt_interval, "mutated": {k: [dists[k].low, dists[k].high, bool(dists[k].log)] for k in names}}
+
+
+def make_pbt(sweep: SweepConfig, concurrency: int | None = None) -> tuple[SweepPBT, BasicVariantGenerator, dict]:
+    """The scheduler, the initial population's generator and the param-space entries it samples;
+    ``concurrency``: trials at once (fewer than the population: they take turns)."""
+    base = sweep.base
+    dists = space_distributions(sweep.method, base.lr)
+    own = mutable_params(sweep.method, dists)
+    domain = {k: tune_domain(d) for k, d in dists.items()}
+    space = {"lr": domain["lr"], "weight_decay": domain["weight_decay"], "method_params": {k: v for k, v in domain.items() if k not in ("lr", "weight_decay")}}
+    mutations = {"lr": domain["lr"]}
+    if own:
+        mutations["method_params"] = {k: domain[k] for k in own}
+    bounds = {k: (dists[k].low, dists[k].high) for k in ("lr", *own)}
+    scheduler = SweepPBT(
+        time_attr="training_iteration",
+        metric="objective",
+        mode="max",
+        perturbation_interval=sweep.pbt_interval,
+        hyperparam_mutations=mutations,
+        custom_explore_fn=Clip(bounds),
+        last=base.epochs,
+        multiplex=concurrency is None or concurrency < sweep.num_trials,
+    )
+    points = ([default_point(sweep.method, base)] if sweep.include_default else []) + list(sweep.points_to_evaluate)
+    population = BasicVariantGenerator(points_to_evaluate=[nested(p) for p in points] or None, random_state=sweep.seed)
+    return scheduler, population, space
+
+
+class PBTRecorder(SweepRecorder):
+    """``SweepRecorder`` plus each exploit, as the trial's loop reported it from the checkpoint it got.
+
+    A trial's run gets, at the first epoch trained on the donor's checkpoint: the metric
+    ``pbt_exploits`` (how many so far), the tag ``ood_ray.pbt.exploit.<n>`` (JSON: that epoch, the
+    donor trial and its epoch, each changed value as ``[old, new]``), and ``ood_ray.pbt.exploits``
+    and ``ood_ray.pbt.donor``. The epochs after an exploit are logged again from where the trial now
+    continues (MLflow keeps both values of an epoch trained twice).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.exploits: dict[str, int] = {}  # trial id -> exploits so far
+        self.events: dict[str, list[tuple[int, int, dict]]] = {}  # trial id -> (epoch, n, record) not yet written
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        donor = result.get("exploit_from")
+        if isinstance(donor, str):
+            tid, epoch = trial.trial_id, int(result.get("epoch", 0))
+            n = self.exploits[tid] = self.exploits.get(tid, 0) + 1
+            changed = {k.removeprefix("exploit_old_"): [v, result.get("exploit_new_" + k.removeprefix("exploit_old_"))] for k, v in result.items() if k.startswith("exploit_old_")}
+            record = {"epoch": epoch, "from_trial": donor, "from_epoch": int(result.get("exploit_from_epoch", 0)), "changed": changed}
+            self.events.setdefault(tid, []).append((epoch, n, record))
+            self.logged[tid] = min(self.logged.get(tid, 0), epoch - 1)  # the epochs from here on are new
+            values = ", ".join(f"{k} {a:.4g} -> {b:.4g}" if isinstance(a, float) and isinstance(b, float) else f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            say(f"trial {tid}: PBT exploit {n}: continues from trial {donor}'s checkpoint of epoch {record['from_epoch']}" + (f" with {values}" if values else ""))
+        super().on_trial_result(iteration, trials, trial, result, **info)
+
+    def _sync_trial(self, tid: str) -> None:
+        if self.events.get(tid) and (run_id := self.run_of(tid)) is not None:
+            while self.events[tid]:
+                epoch, n, record = self.events[tid][0]
+                log_metrics(self.client, run_id, {"pbt_exploits": n}, epoch)
+                set_tag(self.client, run_id, f"{EXPLOIT_TAG}.{n}", json.dumps(record, default=_plain))
+                set_tag(self.client, run_id, "ood_ray.pbt.exploits", str(n))
+                set_tag(self.client, run_id, "ood_ray.pbt.donor", record["from_trial"])
+                self.events[tid].pop(0)
+        super()._sync_trial(tid)
+
+    @property
+    def unlogged(self) -> int:
+        return super().unlogged + sum(len(v) for v in self.events.values())
+
+    def take_over(self, other: PBTRecorder) -> None:
+        """Carry the exploits ``other`` (the sweep's live recorder) could not write yet."""
+        for tid, events in other.events.items():
+            if events:
+                self.events.setdefault(tid, []).extend(events)
+                self.pending.setdefault(tid, {})  # so that ``sync`` visits the trial
+
+
+def _plain(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else str(v)
