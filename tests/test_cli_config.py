@@ -16,7 +16,7 @@ from ood_ray.tracking import TrackingError, check_tracking
 @pytest.mark.parametrize(
     "kw,match",
     [
-        ({"method": "softmaxx"}, "method='softmaxx': unknown method; choose one of: confidence, dismax, logitnorm, outlier_exposure, softmax"),
+        ({"method": "softmaxx"}, "method='softmaxx': unknown method; choose one of: confidence, dismax, logitnorm, outlier_exposure, rotpred, softmax, t2fnorm"),
         ({"backbone": "resnet19"}, "backbone='resnet19': unknown backbone 'resnet19'; choose one of: .*small_cnn.*torchvision:<name>"),
         ({"epochs": 0}, "epochs=0"),
         ({"batch_size": 33, "num_workers": 2}, "batch_size=33: must be divisible by num_workers=2"),
