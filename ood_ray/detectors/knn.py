@@ -25,10 +25,11 @@ def normalize(z: torch.Tensor) -> torch.Tensor:
     return z / (torch.linalg.vector_norm(z, dim=1, keepdim=True) + EPS)
 
 
-class KNN(Detector):
-    name = "knn"
-    defaults = {"k": 50}
-    grid_values = {"k": [1, 5, 10, 50, 100, 200]}
+class NeighbourBank(Detector):
+    """A bank of train features searched for the ``k`` nearest of each query (``knn``, ``nnguide``):
+    ``k`` >= 1 and at most the bank's size, checked at fit and on restore; the grid drops larger k.
+    Subclasses set ``defaults``/``grid_values`` for ``k`` and build the bank with ``_bank``."""
+
     state_keys = {"bank": ("N", "D")}
 
     @classmethod
@@ -44,10 +45,13 @@ class KNN(Detector):
         k, n = self.params["k"], z.shape[0]
         if n < k:
             raise self.bad("k", k, f"must be <= the number of training samples N={n}")
-        dtype = torch.promote_types(z.dtype, torch.float32)
-        return {"bank": normalize(z.to(torch.float64)).to(dtype)}
+        dtype = torch.promote_types(z.dtype, torch.float32)  # the saved bank: at least float32
+        return {"bank": self._bank(z).to(dtype)}
 
-    def restore(self, state, head, model=None, *, feature_dim=None) -> KNN:
+    def _bank(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def restore(self, state, head, model=None, *, feature_dim=None) -> NeighbourBank:
         super().restore(state, head, model, feature_dim=feature_dim)
         n = self._stats["bank"].shape[0]
         if self.params["k"] > n:
@@ -55,10 +59,24 @@ class KNN(Detector):
             raise self.bad("k", self.params["k"], f"must be <= the number of training samples N={n}")
         return self
 
-    def _score(self, x: torch.Tensor) -> torch.Tensor:
+    def _bank64(self, device: torch.device) -> torch.Tensor:
+        """A float64 copy of the bank on ``device``, kept while fitted."""
         bank = self._cache.get("bank64")
-        if bank is None or bank.device != x.device:  # a float64 copy, kept while fitted
-            bank = self._cache["bank64"] = self._stat("bank", x.device).to(torch.float64)
+        if bank is None or bank.device != device:
+            bank = self._cache["bank64"] = self._stat("bank", device).to(torch.float64)
+        return bank
+
+
+class KNN(NeighbourBank):
+    name = "knn"
+    defaults = {"k": 50}
+    grid_values = {"k": [1, 5, 10, 50, 100, 200]}
+
+    def _bank(self, z: torch.Tensor) -> torch.Tensor:
+        return normalize(z.to(torch.float64))
+
+    def _score(self, x: torch.Tensor) -> torch.Tensor:
+        bank = self._bank64(x.device)
         queries = normalize(x.to(torch.float64))
         k = self.params["k"]
         chunk = max(1, min(1024, MAX_ENTRIES // bank.shape[0]))

@@ -24,55 +24,30 @@ values are otherwise the same (float32 there).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .base import Detector, energy
-from .knn import normalize
+from .base import energy
+from .knn import NeighbourBank, normalize
 
 MAX_ENTRIES = 2**25  # inner products held at once (256 MiB in float64)
 
 
-class NNGuide(Detector):
+class NNGuide(NeighbourBank):
     name = "nnguide"
     defaults = {"k": 100}
     grid_values = {"k": [1, 10, 50, 100, 200, 500, 1000]}
-    state_keys = {"bank": ("N", "D")}
 
-    @classmethod
-    def validate(cls, params: dict) -> None:
-        if params["k"] < 1:
-            raise cls.bad("k", params["k"], "must be >= 1")
-
-    @classmethod
-    def _grid_point(cls, point: dict[str, Any], feature_dim, num_classes, num_train) -> dict[str, Any] | None:
-        return None if num_train is not None and point["k"] > num_train else point
-
-    def _fit(self, z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        k, n = self.params["k"], z.shape[0]
-        if n < k:
-            raise self.bad("k", k, f"must be <= the number of training samples N={n}")
-        dtype = torch.promote_types(z.dtype, torch.float32)
+    def _bank(self, z: torch.Tensor) -> torch.Tensor:
+        n = z.shape[0]
         step = max(1, MAX_ENTRIES // max(1, self.num_classes))  # logits of one chunk stay bounded too
         parts = []
         for start in range(0, n, step):
             chunk = z[start : start + step]
             parts.append(normalize(chunk.to(torch.float64)) * energy(self._logits(chunk)).unsqueeze(1))
-        return {"bank": torch.cat(parts).to(dtype)}
-
-    def restore(self, state, head, model=None, *, feature_dim=None) -> NNGuide:
-        super().restore(state, head, model, feature_dim=feature_dim)
-        n = self._stats["bank"].shape[0]
-        if self.params["k"] > n:
-            self._fitted = False
-            raise self.bad("k", self.params["k"], f"must be <= the number of training samples N={n}")
-        return self
+        return torch.cat(parts)
 
     def _score(self, x: torch.Tensor) -> torch.Tensor:
-        bank = self._cache.get("bank64")
-        if bank is None or bank.device != x.device:  # a float64 copy, kept while fitted
-            bank = self._cache["bank64"] = self._stat("bank", x.device).to(torch.float64)
+        bank = self._bank64(x.device)
         k = self.params["k"]
         chunk = max(1, min(1024, MAX_ENTRIES // bank.shape[0]))
         out = []
