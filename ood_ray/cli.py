@@ -253,9 +253,13 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     return 0
 
 
+VERBOSE_HELP = "show Ray's, Tune's and MLflow's own log lines too (hidden by default where they repeat the progress lines or need no action)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ood-ray", description="Train and tune OOD detectors on Ray, tracked in MLflow.")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of one line")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one model on Ray Train and log it to MLflow")
@@ -347,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     ty.set_defaults(fn=cmd_toy)
 
     add_data_commands(sub)
+    for command in sub.choices.values():  # also after the command: `python jobs/tune_dismax.py -v`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return p
 
 
@@ -360,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in logs
     ns = build_parser().parse_args(argv)
+    from . import console
+
+    console.quiet(ns.verbose)
     try:
         return ns.fn(ns)
     except KeyboardInterrupt:

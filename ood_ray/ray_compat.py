@@ -82,6 +82,19 @@ def disable_preemption_watcher() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+#: The logger of Ray's notice that a new local cluster has token authentication on (private module).
+AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def quiet_tune_console() -> None:
+    """Tune's console settings for a quiet driver (``ood_ray.console``), kept when the user set them:
+    no "snapshotting has been triggered multiple times" warning (sweeps snapshot every second on
+    purpose, ``set_experiment_snapshot_interval``) and Tune's legacy reporter, silent at
+    ``verbose=0`` (the new one prints its experiment box and result-folder hints at any level)."""
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
 def set_experiment_snapshot_interval(seconds: float = 1) -> None:
     """Tune saves its experiment state at most this often (default: >= 10 s); what a killed
     driver leaves behind is at most this old, so ``--resume`` loses at most this much."""

@@ -15,7 +15,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from . import ray_compat
+from . import console, ray_compat
 from .config import TrainConfig
 from .data.manifest import Benchmark
 from .engine import train_loop
@@ -36,9 +36,10 @@ def checkpoint_folder(ckpt):
 class RayWorker:
     """The loop's view of a Ray Train worker: rank, world, device, checkpoints and reports."""
 
-    def __init__(self):
+    def __init__(self, echo_epochs: bool = True):
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.echo_epochs = echo_epochs
         self.device = ray.train.torch.get_device()
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -74,6 +75,7 @@ class TuneWorker:
 
         self.rank, self.world, self.device = 0, 1, torch.device(device)
         self.run_id = tune.get_context().get_trial_id()
+        self.echo_epochs = not console.is_quiet()  # the sweep's driver prints this trial's epochs
         ray_compat.quiet_checkpoint_log()
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -105,11 +107,12 @@ def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     ray_compat.quiet_report_log()
     spec = config.get("benchmark")
-    train_loop(TrainConfig.from_dict(config["cfg"]), RayWorker(), Benchmark.from_spec(spec) if spec else None)
+    train_loop(TrainConfig.from_dict(config["cfg"]), RayWorker(config.get("echo_epochs", True)), Benchmark.from_spec(spec) if spec else None)
 
 
-def make_trainer(cfg: TrainConfig, name: str, callbacks: list, gpus_per_worker: float | None = None, bench: Benchmark | None = None) -> TorchTrainer:
+def make_trainer(cfg: TrainConfig, name: str, callbacks: list, gpus_per_worker: float | None = None, bench: Benchmark | None = None, echo_epochs: bool = True) -> TorchTrainer:
     """The Ray Train run of ``cfg``; the same ``name`` and storage path resume its checkpoints.
+    ``echo_epochs``: rank 0 prints each epoch's line (a sweep's driver prints its trials' itself).
 
     The benchmark travels in the workers' config (``Benchmark.to_spec``), so workers on other nodes
     need the shards but not benchmark.json or the manifests.
@@ -123,7 +126,7 @@ def make_trainer(cfg: TrainConfig, name: str, callbacks: list, gpus_per_worker: 
     ray_compat.set_train_poll_interval(0.25)  # not 2 s: ~1 s less per epoch and per run
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "benchmark": bench.to_spec()},
+        train_loop_config={"cfg": cfg.to_dict(), "benchmark": bench.to_spec(), "echo_epochs": echo_epochs},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
@@ -144,5 +147,7 @@ def ensure_ray() -> None:
         stopped = ray_compat.stop_orphaned_agents()  # left for ~60 s by a killed driver's local Ray
         if stopped:
             say(f"stopped {len(stopped)} Ray agent process(es) of a Ray node that is gone (pids {', '.join(map(str, stopped))})")
-        ray.init(log_to_driver=True)
+        ctx = ray.init(log_to_driver=True, logging_level=console.ray_logging_level())
+        if console.is_quiet() and getattr(ctx, "dashboard_url", None):
+            say(f"started a local Ray; dashboard http://{ctx.dashboard_url}")
     ray_compat.check_version()

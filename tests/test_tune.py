@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import signal
 import sqlite3
 import subprocess
@@ -300,14 +301,19 @@ def test_resume_after_the_driver_is_killed(ray_session, digits_ood, tmp_path, ru
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
-def test_failed_trial_is_recorded_as_failed(ray_session, digits_ood, tmp_path, runner):
+def test_failed_trial_is_recorded_as_failed(ray_session, digits_ood, tmp_path, runner, capfd):
     # FPR regularization needs a per-worker batch of 2: a global batch of 2 over 2 Train workers
     # fails, and so does a batch of 1 in a "tune" trial
+    from ood_ray import console
+
+    console.quiet()  # the commands' default console: the trial's error must still reach it
     base = {"batch_size": 2, "num_workers": 2} if runner == "train" else {"batch_size": 1}
     sweep = make_sweep(tmp_path, digits_ood, "dismax", num_trials=1, max_trial_failures=0, base={**base, "max_failures": 0})
     assert sweep.runner == runner
     with pytest.raises(RuntimeError, match="no trial completed all 2 epochs"):
         run_sweep(sweep)
+    printed = capfd.readouterr()
+    assert re.search(r"\[ood-ray\] trial \w+ FAILED: .*per-worker batch of at least 2", printed.out + printed.err), printed.out[-2000:]
     client = MlflowClient(sweep.base.mlflow_uri)
     exp = client.get_experiment_by_name("sweeps").experiment_id
     parent = client.search_runs([exp], "tags.`ood_ray.kind` = 'sweep'")[0]

@@ -266,7 +266,7 @@ def train_loop(cfg: TrainConfig, worker: Worker, bench: Benchmark | None = None)
         eval_skips = skipped_metrics(bench, world, device)
         metrics["skipped_samples"] += eval_skips.pop("skipped_samples")
         metrics.update({k: metrics.get(k, 0) + v for k, v in eval_skips.items()})
-        if rank == 0:
+        if rank == 0 and getattr(worker, "echo_epochs", True):  # a sweep's driver prints its trials' epochs
             say(
                 f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"val_acc {metrics['val_acc']:.4f}  val_auroc {metrics.get('val_auroc', float('nan')):.4f}  "

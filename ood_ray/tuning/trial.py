@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ray import tune
 
+from .. import console
 from ..config import TrainConfig
 
 
@@ -52,6 +53,6 @@ def run_trial(config: dict, benchmark: dict | None = None) -> None:
     from ..ray_train import make_trainer
 
     trial_id = tune.get_context().get_trial_id()
-    trainer = make_trainer(cfg, f"{config['sweep_name']}-{trial_id}", [TuneReportCallback()], gpus_per_worker=config["gpus_per_worker"], bench=bench)
+    trainer = make_trainer(cfg, f"{config['sweep_name']}-{trial_id}", [TuneReportCallback()], gpus_per_worker=config["gpus_per_worker"], bench=bench, echo_epochs=not console.is_quiet())
     trainer.fit()
     ray_compat.wait_for_forwarded_reports(ray_compat.tune_session())
