@@ -156,7 +156,7 @@ def model_card(sweep: SweepConfig, best: dict, test_metrics: dict, completed: in
 
     delta = meta.get("delta")
     lines = [
-        f"**{meta['method']}** on `{meta['backbone']}`, the best of sweep `{sweep.name}` ({completed} trials completed): trial {best['trial_id']}.",
+        f"**{meta['method']}** on `{meta['backbone']}`, the best of sweep `{sweep.name}` ({completed} trial{'' if completed == 1 else 's'} completed): trial {best['trial_id']}.",
         "",
         f"- data: `{bench.path}` (digest {digest}), {len(meta['class_names'])} classes, {meta['image_size'][0]}x{meta['image_size'][1]} {meta['mode']}",
         f"- chosen on val: objective {f(best['objective'])} (`{base.objective}`), val accuracy {f(m.get('val_acc'))}, val AUROC {f(m.get('val_auroc'))}",
