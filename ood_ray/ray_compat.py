@@ -7,7 +7,8 @@ is when each entry here needs a look. Entries:
   the stop event (``trial_stopped``) and the report queues (``wait_for_forwarded_reports``);
 * ``quiet_report_log`` / ``quiet_checkpoint_log``: loggers named after Ray's internal files;
 * ``SweepSearch``: ``OptunaSearch`` reading its private ``_ot_trials``, ``_ot_study`` and
-  ``_completed_trials``;
+  ``_completed_trials``; ``SweepPBT``: ``PopulationBasedTraining`` reading its ``_trial_state`` and
+  ``_time_attr`` and standing in for the controller's ``_schedule_trial_save``;
 * environment settings Ray reads but does not document: the Train controller's poll interval,
   the preemption watcher, Tune's experiment-state snapshot interval and its function-trial
   reuse timeout (``set_*`` functions; a value already in the environment always wins);
@@ -200,13 +201,79 @@ def _sweep_search_class():
     return SweepSearch
 
 
+def _sweep_pbt_class():
+    """``SweepPBT``, built on first use (a sweep's driver only): Ray's PBT with its private
+    ``_trial_state``, ``_time_attr`` and the controller's ``_schedule_trial_save``."""
+    from ray import tune
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+
+    class SweepPBT(PopulationBasedTraining):
+        """Ray's PBT with these changes.
+
+        * Nothing at a trial's last epoch: nothing is left to train there, and an exploit would only
+          replay the donor's final result under another trial's name.
+        * A good trial's checkpoint is the one its report carries. Ray 2.60's PBT asks the controller
+          for one more save of it (private ``_schedule_trial_save``); for a function trial that
+          registers the reported checkpoint a second time, so it fills two of ``num_to_keep``'s places
+          and is deleted twice (``FileNotFoundError`` logged as "Error handling checkpoint", and a
+          donor's checkpoint gone sooner than ``num_to_keep`` promises).
+        * Every trial's checkpoint at a PBT step is kept as the one to clone, not only a trial's that
+          was in the top quantile when it reported: Ray's PBT forgets the checkpoint of a trial that
+          reported before the others had scores (the first trials to start, a step ahead), so the
+          poor trials had nothing to clone until that trial's next step, or its end.
+        * With the whole population running at once (``multiplex=False``), a trial goes on training
+          while another is paused for its exploit: Ray's PBT pauses every reporting trial while any is
+          paused, so that paused trials get their turn, which only matters when they take turns.
+        """
+
+        def __init__(self, *args, last: int, multiplex: bool = True, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.last, self.multiplex = last, multiplex
+
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+            if result.get(self._time_attr, 0) >= self.last:
+                return TrialScheduler.CONTINUE
+            name, reported = result.get("checkpoint_dir_name"), None
+            if isinstance(name, str) and name:
+                reported = tune.Checkpoint(f"{trial.path.rstrip('/')}/{name}", filesystem=trial.storage.storage_filesystem)
+                tune_controller = ReportedSave(tune_controller, trial, reported)
+            decision = super().on_trial_result(tune_controller, trial, result)
+            state = self._trial_state[trial]
+            stepped = state.last_train_time == result.get(self._time_attr)  # this report was a PBT step
+            if reported is not None and stepped and state.last_checkpoint is None and trial.status != Trial.PAUSED:  # paused: exploited
+                state.last_checkpoint = reported
+            if decision == TrialScheduler.PAUSE and not self.multiplex and trial.status != Trial.PAUSED:
+                return TrialScheduler.CONTINUE
+            return decision
+
+
+    class ReportedSave:
+        """The Tune controller as PBT sees it: a save of a trial is the checkpoint it just reported."""
+
+        def __init__(self, controller, trial, checkpoint):
+            self._controller, self._trial, self._checkpoint = controller, trial, checkpoint
+
+        def _schedule_trial_save(self, trial, result=None):
+            if trial is self._trial:
+                return self._checkpoint
+            return self._controller._schedule_trial_save(trial, result)
+
+        def __getattr__(self, name):
+            return getattr(self._controller, name)
+
+    SweepPBT.__module__, SweepPBT.__qualname__ = __name__, "SweepPBT"
+    return SweepPBT
+
+
 _lazy: dict = {}
+_BUILDERS = {"SweepSearch": _sweep_search_class, "SweepPBT": _sweep_pbt_class}
 
 
 def __getattr__(name: str):
-    """``ray_compat.SweepSearch`` (also how pickle finds it when Tune restores a sweep)."""
-    if name == "SweepSearch":
+    """``ray_compat.SweepSearch`` / ``SweepPBT`` (also how pickle finds them when Tune restores a sweep)."""
+    if name in _BUILDERS:
         if name not in _lazy:
-            _lazy[name] = _sweep_search_class()
+            _lazy[name] = _BUILDERS[name]()
         return _lazy[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

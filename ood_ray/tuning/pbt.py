@@ -22,10 +22,9 @@ import json
 import math
 
 from ray import tune
-from ray.tune.experiment import Trial
-from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 from ray.tune.search import BasicVariantGenerator
 
+from .. import ray_compat
 from ..methods import METHODS
 from ..progress import say
 from ..tracking.recorder import SweepRecorder
@@ -98,61 +97,6 @@ class Clip:
         return config
 
 
-class SweepPBT(PopulationBasedTraining):
-    """Ray's PBT with two changes.
-
-    * Nothing at a trial's last epoch: nothing is left to train there, and an exploit would only
-      replay the donor's final result under another trial's name.
-    * A good trial's checkpoint is the one its report carries. Ray 2.60's PBT asks the controller
-      for one more save of it (private ``_schedule_trial_save``); for a function trial that
-      registers the reported checkpoint a second time, so it fills two of ``num_to_keep``'s places
-      and is deleted twice (``FileNotFoundError`` logged as "Error handling checkpoint", and a
-      donor's checkpoint gone sooner than ``num_to_keep`` promises).
-    * Every trial's checkpoint at a PBT step is kept as the one to clone, not only a trial's that
-      was in the top quantile when it reported: Ray's PBT forgets the checkpoint of a trial that
-      reported before the others had scores (the first trials to start, a step ahead), so the
-      poor trials had nothing to clone until that trial's next step, or its end.
-    * With the whole population running at once (``multiplex=False``), a trial goes on training
-      while another is paused for its exploit: Ray's PBT pauses every reporting trial while any is
-      paused, so that paused trials get their turn, which only matters when they take turns.
-    """
-
-    def __init__(self, *args, last: int, multiplex: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.last, self.multiplex = last, multiplex
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if result.get(self._time_attr, 0) >= self.last:
-            return TrialScheduler.CONTINUE
-        name, reported = result.get("checkpoint_dir_name"), None
-        if isinstance(name, str) and name:
-            reported = tune.Checkpoint(f"{trial.path.rstrip('/')}/{name}", filesystem=trial.storage.storage_filesystem)
-            tune_controller = ReportedSave(tune_controller, trial, reported)
-        decision = super().on_trial_result(tune_controller, trial, result)
-        state = self._trial_state[trial]
-        stepped = state.last_train_time == result.get(self._time_attr)  # this report was a PBT step
-        if reported is not None and stepped and state.last_checkpoint is None and trial.status != Trial.PAUSED:  # paused: exploited
-            state.last_checkpoint = reported
-        if decision == TrialScheduler.PAUSE and not self.multiplex and trial.status != Trial.PAUSED:
-            return TrialScheduler.CONTINUE
-        return decision
-
-
-class ReportedSave:
-    """The Tune controller as PBT sees it: a save of a trial is the checkpoint it just reported."""
-
-    def __init__(self, controller, trial, checkpoint):
-        self._controller, self._trial, self._checkpoint = controller, trial, checkpoint
-
-    def _schedule_trial_save(self, trial, result=None):
-        if trial is self._trial:
-            return self._checkpoint
-        return self._controller._schedule_trial_save(trial, result)
-
-    def __getattr__(self, name):
-        return getattr(self._controller, name)
-
-
 def pbt_plan(sweep: SweepConfig) -> dict:
     """What a PBT sweep mutates and within which ranges (recorded in the sweep's parent run)."""
     base = sweep.base
@@ -161,7 +105,7 @@ def pbt_plan(sweep: SweepConfig) -> dict:
     return {"interval": sweep.pbt_interval, "mutated": {k: [dists[k].low, dists[k].high, bool(dists[k].log)] for k in names}}
 
 
-def make_pbt(sweep: SweepConfig, concurrency: int | None = None) -> tuple[SweepPBT, BasicVariantGenerator, dict]:
+def make_pbt(sweep: SweepConfig, concurrency: int | None = None) -> tuple[object, BasicVariantGenerator, dict]:
     """The scheduler, the initial population's generator and the param-space entries it samples;
     ``concurrency``: trials at once (fewer than the population: they take turns)."""
     base = sweep.base
@@ -173,7 +117,7 @@ def make_pbt(sweep: SweepConfig, concurrency: int | None = None) -> tuple[SweepP
     if own:
         mutations["method_params"] = {k: domain[k] for k in own}
     bounds = {k: (dists[k].low, dists[k].high) for k in ("lr", *own)}
-    scheduler = SweepPBT(
+    scheduler = ray_compat.SweepPBT(
         time_attr="training_iteration",
         metric="objective",
         mode="max",
