@@ -117,6 +117,16 @@ def test_cli_list_and_bool_flags():
     assert config_from_args(ns).step_milestones == [0.3, 0.6]
 
 
+@pytest.mark.parametrize("command", [["evaluate", "--checkpoint", "ck"], ["predict", "--model", "m", "x.png"], ["demo"]])
+def test_model_commands_take_the_training_commands_mlflow_flag(command):
+    # train, tune and compare name the store --mlflow-uri; the commands that read a model take both
+    from ood_ray.cli import build_parser
+
+    for flag in ("--tracking-uri", "--mlflow-uri"):
+        ns = build_parser().parse_args([*command, flag, "sqlite:///x.db"])
+        assert ns.tracking_uri == "sqlite:///x.db", flag
+
+
 def test_storage_uri_is_kept():
     assert TrainConfig.from_dict({"storage_path": "s3://bucket/ood"}).storage_path == "s3://bucket/ood"
 
