@@ -294,12 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--sweep-seed", type=int, default=0, help="seed of Optuna's TPE sampler")
     tu.add_argument(
         "--scheduler",
-        choices=("asha", "pbt", "none"),
+        choices=("asha", "pbt", "pb2", "none"),
         help="trial scheduler: asha = early stopping of poor trials (Optuna suggests each trial's values); pbt = Population Based "
         "Training (poor trials continue from good trials' checkpoints with perturbed lr and method parameters; --trial-runner tune); "
+        "pb2 = the same, with the new values chosen by a GP bandit within the search space's ranges (Parker-Holder et al. 2020); "
         "none (default: asha, or none with --no-asha)",
     )
-    tu.add_argument("--pbt-interval", type=int, default=2, help="PBT: epochs between a trial's exploit/explore steps (default 2)")
+    tu.add_argument("--pbt-interval", type=int, default=2, help="PBT/PB2: epochs between a trial's exploit/explore steps (default 2)")
     tu.add_argument("--asha", action=argparse.BooleanOptionalAction, default=True, help="ASHA early stopping on the per-epoch objective (--no-asha = --scheduler none)")
     tu.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial (default: a quarter of --epochs, at least 1)")
     tu.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA keeps the top 1/factor at each rung")

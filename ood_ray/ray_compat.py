@@ -201,15 +201,21 @@ def _sweep_search_class():
     return SweepSearch
 
 
-def _sweep_pbt_class():
-    """``SweepPBT``, built on first use (a sweep's driver only): Ray's PBT with its private
-    ``_trial_state``, ``_time_attr`` and the controller's ``_schedule_trial_save``."""
+def _sweep_pbt_class(pb2: bool = False):
+    """``SweepPBT`` (or ``SweepPB2``: the same on Ray's ``PB2``), built on first use (a sweep's
+    driver only): Ray's PBT with its private ``_trial_state``, ``_time_attr`` and the controller's
+    ``_schedule_trial_save``."""
     from ray import tune
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 
-    class SweepPBT(PopulationBasedTraining):
-        """Ray's PBT with these changes.
+    if pb2:
+        from ray.tune.schedulers.pb2 import PB2 as Base
+    else:
+        Base = PopulationBasedTraining
+
+    class SweepPBT(Base):
+        """Ray's PBT (or PB2, whose explore step is a GP bandit) with these changes.
 
         * Nothing at a trial's last epoch: nothing is left to train there, and an exploit would only
           replay the donor's final result under another trial's name.
@@ -262,16 +268,17 @@ def _sweep_pbt_class():
         def __getattr__(self, name):
             return getattr(self._controller, name)
 
-    SweepPBT.__module__, SweepPBT.__qualname__ = __name__, "SweepPBT"
+    name = "SweepPB2" if pb2 else "SweepPBT"
+    SweepPBT.__module__, SweepPBT.__qualname__, SweepPBT.__name__ = __name__, name, name
     return SweepPBT
 
 
 _lazy: dict = {}
-_BUILDERS = {"SweepSearch": _sweep_search_class, "SweepPBT": _sweep_pbt_class}
+_BUILDERS = {"SweepSearch": _sweep_search_class, "SweepPBT": _sweep_pbt_class, "SweepPB2": lambda: _sweep_pbt_class(pb2=True)}
 
 
 def __getattr__(name: str):
-    """``ray_compat.SweepSearch`` / ``SweepPBT`` (also how pickle finds them when Tune restores a sweep)."""
+    """``ray_compat.SweepSearch`` / ``SweepPBT`` / ``SweepPB2`` (also how pickle finds them when Tune restores a sweep)."""
     if name in _BUILDERS:
         if name not in _lazy:
             _lazy[name] = _BUILDERS[name]()

@@ -26,7 +26,7 @@ class SweepConfig:
     name: str | None = None  # sweep name: Tune experiment folder and MLflow parent run
     seed: int = 0
     asha: bool = True  # the scheduler when ``scheduler`` is unset: ASHA (True) or none (False)
-    scheduler: str | None = None  # "asha", "pbt" or "none"; None = from ``asha``
+    scheduler: str | None = None  # "asha", "pbt", "pb2" or "none"; None = from ``asha``
     pbt_interval: int = 2  # PBT: epochs between a trial's exploit/explore steps
     grace_period: int | None = None  # epochs before ASHA may stop a trial; None = a quarter of the epochs (>= 1)
     reduction_factor: float = 2.0
@@ -92,9 +92,9 @@ class SweepConfig:
             bad("trial_runner", "choose auto, tune (the loop in the Tune trial, one worker) or train (a Ray Train TorchTrainer)")
         if self.trial_runner == "tune" and self.base.num_workers != 1:
             bad("trial_runner", f"'tune' runs the loop in the trial itself, so it needs num_workers=1 (got {self.base.num_workers})")
-        if self.scheduler not in (None, "asha", "pbt", "none"):
-            bad("scheduler", "choose asha (early stopping), pbt (Population Based Training) or none")
-        if self.scheduler_kind == "pbt":
+        if self.scheduler not in (None, "asha", "pbt", "pb2", "none"):
+            bad("scheduler", "choose asha (early stopping), pbt (Population Based Training), pb2 (PBT whose new values a GP bandit chooses) or none")
+        if self.population_based:
             if not is_int(self.pbt_interval) or not 1 <= self.pbt_interval < self.base.epochs:
                 bad("pbt_interval", f"PBT's interval is an integer number of epochs in [1, epochs - 1 = {self.base.epochs - 1}] (no step follows the last epoch)")
             if self.runner == "train":
@@ -110,6 +110,11 @@ class SweepConfig:
     def scheduler_kind(self) -> str:
         """The trial scheduler: ``scheduler`` when given, else ``asha`` or ``none`` from ``asha``."""
         return self.scheduler or ("asha" if self.asha else "none")
+
+    @property
+    def population_based(self) -> bool:
+        """PBT or PB2: trials continue from each other's checkpoints; no Optuna study."""
+        return self.scheduler_kind in ("pbt", "pb2")
 
     @property
     def grace(self) -> int:

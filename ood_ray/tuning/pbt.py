@@ -1,5 +1,5 @@
-"""Population Based Training for a sweep (``--scheduler pbt``): the population, the mutations, the
-scheduler and what MLflow records of each exploit.
+"""Population Based Training for a sweep (``--scheduler pbt`` or ``pb2``): the population, the
+mutations, the scheduler and what MLflow records of each exploit.
 
 * The initial population: the untuned default point (``include_default``), the given
   ``points_to_evaluate``, then random draws (Tune's ``BasicVariantGenerator``, seeded with the
@@ -8,7 +8,11 @@ scheduler and what MLflow records of each exploit.
   stale as soon as PBT changes the trial's values.
 * What PBT changes: the learning rate (in the space's range) and the method's ``pbt_params``
   (``Method`` contract: by default every float of its ``search_space`` that does not only seed its
-  ``initial_state``); a perturbed value (x0.8 or x1.2) is clipped into its range.
+  ``initial_state``); a perturbed value (x0.8 or x1.2) is clipped into its range. PB2
+  (``--scheduler pb2``, Ray's ``PB2``) changes the same values within the same ranges, chosen by a
+  GP bandit fitted to the population's reward changes per epoch (on a linear scale, also for the
+  learning rate). Until the donor has two reports with the same values the GP has no data, and
+  PB2 copies the donor's values unchanged.
 * The exploit restarts the trial from the donor's latest checkpoint through Tune
   (``tune.get_checkpoint``); the loop reads whose checkpoint it got and reports it
   (``engine.loop.adopted``), and ``PBTRecorder`` writes that to the trial's MLflow run.
@@ -102,7 +106,7 @@ def pbt_plan(sweep: SweepConfig) -> dict:
     base = sweep.base
     dists = space_distributions(sweep.method, base.lr)
     names = ["lr", *mutable_params(sweep.method, dists)]
-    return {"interval": sweep.pbt_interval, "mutated": {k: [dists[k].low, dists[k].high, bool(dists[k].log)] for k in names}}
+    return {"scheduler": sweep.scheduler_kind, "interval": sweep.pbt_interval, "mutated": {k: [dists[k].low, dists[k].high, bool(dists[k].log)] for k in names}}
 
 
 def make_pbt(sweep: SweepConfig, concurrency: int | None = None) -> tuple[object, BasicVariantGenerator, dict]:
@@ -117,16 +121,22 @@ def make_pbt(sweep: SweepConfig, concurrency: int | None = None) -> tuple[object
     if own:
         mutations["method_params"] = {k: domain[k] for k in own}
     bounds = {k: (dists[k].low, dists[k].high) for k in ("lr", *own)}
-    scheduler = ray_compat.SweepPBT(
+    common = dict(
         time_attr="training_iteration",
         metric="objective",
         mode="max",
         perturbation_interval=sweep.pbt_interval,
-        hyperparam_mutations=mutations,
         custom_explore_fn=Clip(bounds),
         last=base.epochs,
         multiplex=concurrency is None or concurrency < sweep.num_trials,
     )
+    if sweep.scheduler_kind == "pb2":  # the same ranges, as [low, high] for PB2's GP (on a linear scale)
+        ranges = {"lr": list(bounds["lr"])}
+        if own:
+            ranges["method_params"] = {k: list(bounds[k]) for k in own}
+        scheduler = ray_compat.SweepPB2(hyperparam_bounds=ranges, **common)
+    else:
+        scheduler = ray_compat.SweepPBT(hyperparam_mutations=mutations, **common)
     points = ([default_point(sweep.method, base)] if sweep.include_default else []) + list(sweep.points_to_evaluate)
     population = BasicVariantGenerator(points_to_evaluate=[nested(p) for p in points] or None, random_state=sweep.seed)
     return scheduler, population, space

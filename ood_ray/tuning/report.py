@@ -272,8 +272,8 @@ def write_artifacts(sweep, client, parent_id, trials, best, default, evaluation)
         (out / "best_trial.json").write_text(json.dumps(redacted({k: best[k] for k in ("trial_id", "objective", "val_acc", "val_auroc", "checkpoint", "config")}), indent=2, default=str) + "\n")
         (out / "trials.json").write_text(json.dumps(redacted([{k: t_[k] for k in ("trial_id", "status", "epochs", "objective", "val_acc", "val_auroc", "checkpoint", "error")} for t_ in trials]), indent=2, default=str) + "\n")
         try:
-            if sweep.scheduler_kind == "pbt":
-                raise LookupError("a PBT sweep has no Optuna study; each trial's run records its exploits (tags ood_ray.pbt.*)")
+            if sweep.population_based:
+                raise LookupError(f"a {sweep.scheduler_kind.upper()} sweep has no Optuna study; each trial's run records its exploits (tags ood_ray.pbt.*)")
             study = optuna.load_study(study_name=sweep.name, storage=sweep.optuna_url(sweep.name))
             notes = plots.optuna_plots(study, out)
             for key, value in notes.items():

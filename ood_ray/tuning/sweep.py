@@ -1,4 +1,4 @@
-"""``run_sweep``: the Tuner of a sweep (Optuna + ASHA, or PBT), its MLflow parent run, resume."""
+"""``run_sweep``: the Tuner of a sweep (Optuna + ASHA, or PBT / PB2), its MLflow parent run, resume."""
 
 from __future__ import annotations
 
@@ -132,7 +132,8 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         raise ConfigError(f"name={name!r}: a sweep of that name exists in {exp_path}; pass --resume to continue it or choose another name")
     space = SearchSpace(sweep.method, base.lr)
     kind = sweep.scheduler_kind
-    if kind == "pbt":
+    pop_based = sweep.population_based  # PBT or PB2
+    if pop_based:
         from . import pbt
     if parent is None:
         parent = client.create_run(exp_id, run_name=name, tags={SWEEP_TAG: name, "ood_ray.kind": "sweep", "ood_ray.method": sweep.method, **liveness.driver_tags()})
@@ -143,7 +144,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         client.log_batch(parent.info.run_id, params=tracking.params_of({**args, "base": base.to_dict()}))
         provenance.record(client, parent.info.run_id, bench, "tuning")
         with tempfile.TemporaryDirectory() as tmp:
-            described = {"space": space.describe(), "posthoc_grid": METHODS[sweep.method].posthoc_grid(), **({"pbt": pbt.pbt_plan(sweep)} if kind == "pbt" else {})}
+            described = {"space": space.describe(), "posthoc_grid": METHODS[sweep.method].posthoc_grid(), **({"pbt": pbt.pbt_plan(sweep)} if pop_based else {})}
             Path(tmp, "search_space.json").write_text(json.dumps(described, indent=2) + "\n")
             Path(tmp, "sweep.json").write_text(json.dumps(redacted(sweep.to_dict()), indent=2, default=str) + "\n")
             client.log_artifacts(parent.info.run_id, tmp)
@@ -161,7 +162,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         client.update_run(parent.info.run_id, status="RUNNING")
     parent_id = parent.info.run_id
     say(f"sweep {name!r}: MLflow parent run {parent_id} in experiment {base.experiment!r} at {base.mlflow_uri}")
-    say(f"sweep folder {exp_path}" + ("; PBT: no Optuna study" if kind == "pbt" else f"; Optuna study {sweep.optuna_url(name)}"))
+    say(f"sweep folder {exp_path}" + (f"; {kind.upper()}: no Optuna study" if pop_based else f"; Optuna study {sweep.optuna_url(name)}"))
 
     try:
         ensure_ray()
@@ -195,15 +196,16 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
             else None
         )
         population, sampled, keep = None, {}, 2  # a "tune" trial's checkpoints: its last two, as a TorchTrainer keeps its own
-        if kind == "pbt":  # the population: default point, given points, random draws (tuning/pbt.py)
+        if pop_based:  # the population: default point, given points, random draws (tuning/pbt.py)
             scheduler, population, sampled = pbt.make_pbt(sweep, concurrency)
             keep = sweep.pbt_interval + 2  # a donor's checkpoint must outlive its next `interval` epochs
-            say(f"PBT every {sweep.pbt_interval} epochs: the worst quarter of the trials (at least one) continue from the best quarter's checkpoints with perturbed {', '.join(pbt.pbt_plan(sweep)['mutated'])}")
+            how = "perturbed" if kind == "pbt" else "PB2's GP-bandit choice of"
+            say(f"{kind.upper()} every {sweep.pbt_interval} epochs: the worst quarter of the trials (at least one) continue from the best quarter's checkpoints with {how} {', '.join(pbt.pbt_plan(sweep)['mutated'])}")
         ray_compat.set_experiment_snapshot_interval(1)  # --resume loses at most ~1 s
         trainable = tune.with_resources(tune.with_parameters(run_trial, benchmark=bench.to_spec()), trial_resources(sweep, gpus))
         # A "tune" trial is its own worker, so the worker retries (max_failures) are Tune's to make.
         retries = max(sweep.max_trial_failures, base.max_failures) if sweep.runner == "tune" else sweep.max_trial_failures
-        recorder_class = pbt.PBTRecorder if kind == "pbt" else SweepRecorder
+        recorder_class = pbt.PBTRecorder if pop_based else SweepRecorder
         recorder = recorder_class(base.mlflow_uri, exp_id, parent_id, name, base.epochs, sweep.num_trials, trial_config, bench)
         if sweep.resume:
             say(f"resuming sweep {name!r} from {exp_path}")
@@ -224,7 +226,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
                     num_samples=sweep.num_trials, search_alg=population if population is not None else new_searcher(), scheduler=scheduler,
                     # PBT: every trial exists from the start and they take turns on the resources (a
                     # limit here would create the later trials only after the first ones ended)
-                    max_concurrent_trials=None if kind == "pbt" else concurrency, trial_dirname_creator=trial_dirname,
+                    max_concurrent_trials=None if pop_based else concurrency, trial_dirname_creator=trial_dirname,
                     # A finished trial's actor (its process, torch and ood_ray imported) runs the next
                     # trial: one process start and its imports less per trial. A "tune" trial that
                     # ASHA stops ends its loop at its next step (TuneWorker.stop_requested); a
@@ -250,7 +252,7 @@ def run_sweep(sweep: SweepConfig) -> SweepOutcome:
         # catch up from what Tune stored: records missed during an MLflow outage, or before a resume
         catch_up = recorder_class(base.mlflow_uri, exp_id, parent_id, name, base.epochs, sweep.num_trials, trial_config, bench)
         catch_up.backfill(grid)
-        if kind == "pbt":  # exploits the live recorder could not write yet (none after a resume: Tune restored its own)
+        if pop_based:  # exploits the live recorder could not write yet (none after a resume: Tune restored its own)
             catch_up.take_over(recorder)
         if not catch_up.sync(force=True):
             raise tracking.TrackingError(f"MLflow at {base.mlflow_uri} does not answer; {catch_up.unlogged} records are not logged. {relog_hint}")
@@ -289,7 +291,7 @@ def close_orphans(sweep: SweepConfig, client: MlflowClient, parent_id: str, know
     """
     import optuna
 
-    if sweep.scheduler_kind != "pbt":  # a PBT sweep has no Optuna study
+    if not sweep.population_based:  # a PBT sweep has no Optuna study
         study = optuna.load_study(study_name=sweep.name, storage=sweep.optuna_url(sweep.name))
         for t in study.trials:
             if t.state == optuna.trial.TrialState.RUNNING:
