@@ -69,6 +69,12 @@ def quiet_checkpoint_log() -> None:
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
 
 
+def quiet_restore_log() -> None:
+    """Tune logs "Restored on <ip> from checkpoint: ..." each time a function trial starts from a
+    checkpoint: a retry, or every turn of a PBT trial (the sweep's driver says so itself)."""
+    logging.getLogger("ray.tune.trainable.trainable").setLevel(logging.WARNING)
+
+
 def set_train_poll_interval(seconds: float = 0.25) -> None:
     """Ray Train's controller polls its workers every 2 s by default, so each report waited up to
     2 s before Tune/MLflow saw it and a finished run up to 2 s before it ended. A poll is one small

@@ -68,7 +68,7 @@ EPOCHS = 8
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
-def test_nan_trial_fails_with_its_reason_and_killed_worker_resumes(ray_session, digits_ood, tmp_path, runner):
+def test_nan_trial_fails_with_its_reason_and_killed_worker_resumes(ray_session, digits_ood, tmp_path, runner, capsys):
     """Trial 1 diverges (lr 1e5): FAILED with the reason, sweep goes on. Trial 2 loses its training
     process (Train worker or Tune trial) to SIGKILL mid-epoch: it resumes from its checkpoint (Ray
     Train's retry, or Tune's FailureConfig) and logs each epoch exactly once."""
@@ -119,6 +119,8 @@ def test_nan_trial_fails_with_its_reason_and_killed_worker_resumes(ray_session, 
     bad, good = runs[diverged["trial_id"]], runs[completed["trial_id"]]
     assert bad.info.status == "FAILED" and "training diverged: the mean train loss of epoch 1 is nan" in bad.data.tags["ood_ray.outcome"]
     assert good.info.status == "FINISHED"
+    if runner == "tune":  # Tune restarted the trial (a "train" trial's worker group is restarted inside Ray Train)
+        assert f"trial {completed['trial_id']} restarts after failure 1 (last reported epoch " in capsys.readouterr().out
     assert [m.step for m in client.get_metric_history(good.info.run_id, "epoch")] == list(range(1, EPOCHS + 1))  # continuous
     assert max(m.value for m in client.get_metric_history(good.info.run_id, "start_epoch")) >= 1  # it did resume
     kept = sorted(c for c in Path(completed["checkpoint"]).parent.glob("checkpoint_*") if c.is_dir())

@@ -178,7 +178,7 @@ def train_loop(cfg: TrainConfig, worker: Worker, bench: Benchmark | None = None)
         # no new checkpoint: the path is passed as Tune's TuneReportCallback would pass it
         worker.report({**final, "checkpoint_path": ckpt_path}, None)
         return
-    if start and rank == 0:
+    if start and rank == 0 and getattr(worker, "echo_epochs", True):  # a sweep's driver says so on a retry
         say(f"resuming after the checkpoint of epoch {start}" + (f" of {resumed['exploit_from']}" if resumed else ""))
     net = unwrap(model)
     meta = model_meta(cfg, bench.class_names, bench.train.image_size, bench.train.mode, model=net)

@@ -84,6 +84,15 @@ class SweepRecorder(tune.Callback):
         self.configs[trial.trial_id] = trial.config
         self.sync()
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        seen = self.__dict__.setdefault("seen", {})  # trial id -> its failures when it last started (none in an older sweep's recorder)
+        failures = getattr(trial, "num_failures", 0)
+        if trial.trial_id in seen:  # again: a retry after a failure, or a PBT trial's next turn (silent: its epochs follow)
+            if failures > seen[trial.trial_id]:
+                epoch = (trial.last_result or {}).get("epoch")
+                say(f"trial {trial.trial_id} restarts after failure {failures}" + (f" (last reported epoch {epoch})" if epoch else "") + " from its checkpoint")
+            seen[trial.trial_id] = failures
+            return
+        seen[trial.trial_id] = failures
         say(f"trial {trial.trial_id} started ({done}/{self.num_trials} done); MLflow run {self.runs.get(trial.trial_id, '(not created yet)')}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from ray import tune
 
-from .. import console
+from .. import console, ray_compat
 from ..config import TrainConfig
+
+if console.is_quiet():  # on import, before Tune restores the first trial of this process from a checkpoint
+    ray_compat.quiet_restore_log()
 
 
 def trial_config(config: dict) -> TrainConfig:
