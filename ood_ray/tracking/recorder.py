@@ -85,7 +85,7 @@ class SweepRecorder(tune.Callback):
         self.sync()
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
         seen = self.__dict__.setdefault("seen", {})  # trial id -> its failures when it last started (none in an older sweep's recorder)
-        failures = getattr(trial, "num_failures", 0)
+        failures = trial.num_failures
         if trial.trial_id in seen:  # again: a retry after a failure, or a PBT trial's next turn (silent: its epochs follow)
             if failures > seen[trial.trial_id]:
                 epoch = (trial.last_result or {}).get("epoch")
