@@ -48,6 +48,7 @@ class DetectorTable:
     method: str
     rows: list[str]  # score tags in table order: method_<score>, then the detectors
     params: dict[str, dict] = field(default_factory=dict)
+    fitted: dict[str, dict] = field(default_factory=dict)  # detector -> values its fit found (``Detector.fitted``: tempscale's T)
     val_auroc: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     ood_sets: list[str] = field(default_factory=list)
@@ -85,7 +86,8 @@ class DetectorTable:
             return " / ".join(f"{v:.3f}" for v in vals)
 
         for r in self.rows:
-            params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params.get(r, {}).items()) or "-"
+            params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params.get(r, {}).items())
+            params = ", ".join([*([params] if params else []), *(f"{k}={v:.4g} (fitted)" for k, v in self.fitted.get(r, {}).items())]) or "-"
             val = self.val_auroc.get(r, math.nan)
             aurc = self.metrics.get(names.selective_key("test", "aurc", r), math.nan)
             cells = [cell(names.set_key("test", s, "", r)) for s in self.ood_sets]
@@ -183,6 +185,8 @@ def evaluate_model(
             ood_scores[n][name] = s
         table.rows.append(name)
         table.params[name] = result["params"]
+        if det.fitted():
+            table.fitted[name] = det.fitted()
         table.val_auroc[name] = result["val_auroc"]
         say(f"[{i}/{len(results)}] {name}: val AUROC {result['val_auroc']:.4f} with {result['params'] or 'no parameters'} ({result['candidates']} tried)")
     id_all = {"logits": test.id["logits"], "labels": test.id["labels"], **{k: v.astype(np.float64) for k, v in id_scores.items()}}
@@ -232,12 +236,13 @@ def _log(table: DetectorTable, tracking_uri: str, experiment: str, bench: Benchm
     params = {"detectors": ",".join(table.rows[1:]), **{f"{r}.{k}": v for r, p in table.params.items() for k, v in p.items()}}
     client.log_batch(run_id, params=tracking.params_of(params))
     provenance.record(client, run_id, bench)
-    metrics = {**table.metrics, **{names.mean_key("val", "auroc", names.ALL, r): v for r, v in table.val_auroc.items()}, "wall_time_s": table.wall_time_s}
+    fitted = {f"{r}.fitted_{k}": v for r, f in table.fitted.items() for k, v in f.items()}
+    metrics = {**table.metrics, **{names.mean_key("val", "auroc", names.ALL, r): v for r, v in table.val_auroc.items()}, **fitted, "wall_time_s": table.wall_time_s}
     tracking.log_metrics(client, run_id, metrics, 0)
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "detectors.md").write_text(table.markdown())
         client.log_artifact(run_id, str(Path(tmp, "detectors.md")))
-        blob = {"checkpoint": table.checkpoint, "method": table.method, "rows": table.rows, "params": table.params, "val_auroc": table.val_auroc, "metrics": table.metrics, "skipped": table.skipped}
+        blob = {"checkpoint": table.checkpoint, "method": table.method, "rows": table.rows, "params": table.params, "fitted": table.fitted, "val_auroc": table.val_auroc, "metrics": table.metrics, "skipped": table.skipped}
         Path(tmp, "detectors.json").write_text(json.dumps(blob, indent=1, default=float) + "\n")
         client.log_artifact(run_id, str(Path(tmp, "detectors.json")))
     client.set_terminated(run_id, "FINISHED")

@@ -75,8 +75,9 @@ def test_evaluate_table_matches_training_choice_and_is_logged(trained, tmp_path)
 
     checkpoint, reports, _ = trained
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    table = evaluate_checkpoint(checkpoint, ["msp", "knn", "mahalanobis", "odin"], tracking_uri=uri, experiment="eval", out=tmp_path / "t.md")
-    assert table.rows == ["method_msp", "msp", "knn", "mahalanobis", "odin"]
+    table = evaluate_checkpoint(checkpoint, ["msp", "knn", "mahalanobis", "odin", "tempscale"], tracking_uri=uri, experiment="eval", out=tmp_path / "t.md")
+    assert table.rows == ["method_msp", "msp", "knn", "mahalanobis", "odin", "tempscale"]
+    assert set(table.fitted) == {"tempscale"} and table.fitted["tempscale"]["T"] > 0  # what its fit found on val ID
     # the same fit and the same val search as in training give the same val AUROC
     for n in ("knn", "mahalanobis"):
         assert table.val_auroc[n] == pytest.approx(reports[-1][f"detector_{n}_val_auroc"], abs=1e-6)
@@ -87,7 +88,9 @@ def test_evaluate_table_matches_training_choice_and_is_logged(trained, tmp_path)
     assert table.metrics[names.mean_key("test", "auroc", names.ALL, "msp")] == pytest.approx(table.metrics[names.mean_key("test", "auroc", names.ALL, "method_msp")], abs=1e-6)
     text = (tmp_path / "t.md").read_text()
     assert "| knn |" in text and "k=" in text
+    assert f"| tempscale | T={table.fitted['tempscale']['T']:.4g} (fitted) |" in text
     run = MlflowClient(uri).get_run(table.run_id)
+    assert run.data.metrics["tempscale.fitted_T"] == pytest.approx(table.fitted["tempscale"]["T"])
     assert run.data.metrics[names.mean_key("test", "auroc", names.ALL, "knn")] == pytest.approx(table.metrics[names.mean_key("test", "auroc", names.ALL, "knn")])
     assert run.data.tags["ood_ray.kind"] == "detector-evaluation"
     arts = {a.path for a in MlflowClient(uri).list_artifacts(table.run_id)}

@@ -206,6 +206,7 @@ def test_tempscale_minimises_the_nll_like_scipy(seed, t_true):
     assert_same(det.score(q), softmax(np_logits(q, head) / det.temperature, axis=1).max(axis=1))
     again = make_detector("tempscale").fit(z, y, head)
     assert again.temperature == det.temperature  # deterministic to the bit
+    assert det.fitted() == {"T": det.temperature} and make_detector("msp").fit(z, y, head).fitted() == {}
 
 
 def test_tempscale_falls_back_to_t1_without_a_finite_minimum():

@@ -194,6 +194,11 @@ class Detector:
         """The fitted statistics (keys ``state_keys``) from checked train features and labels."""
         return {}
 
+    def fitted(self) -> dict[str, float]:
+        """Scalar values ``fit`` found that a user reads beside the chosen parameters (tempscale's
+        T); shown in the ``evaluate`` table and logged with the chosen detector. None by default."""
+        return {}
+
     def _fit_inputs(self, features: Any) -> tuple[Any, torch.Tensor]:
         """``(inputs for _fit, the N×D features they hold)``: the checked features twice, by default."""
         z = self._check_features(features, "fit")

@@ -86,6 +86,9 @@ class TempScale(Detector):
             raise self.error("is not fitted: call fit(features, labels, head) first")
         return float(self._stats["temperature"].reshape(-1)[0])
 
+    def fitted(self) -> dict[str, float]:
+        return {"T": self.temperature}
+
     def _score(self, x: torch.Tensor) -> torch.Tensor:
         t = self._stat("temperature", x.device).to(torch.float64)
         return torch.softmax(self._logits(x).to(torch.float64) / t, dim=1).amax(dim=1)

@@ -254,6 +254,7 @@ def choose_detector(model, method: Method, cfg, bench: Benchmark, rank: int, wor
     logs = {f"detector_{r['name']}_val_auroc": r["val_auroc"] for r in results}
     logs["detector_fit_samples"] = float(len(train["labels"]))
     logs.update({f"chosen_detector_{k}": float(v) for k, v in params.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+    logs.update({f"chosen_detector_fitted_{k}": float(v) for k, v in det.fitted().items()})  # tempscale: T
     if delta is not None:
         logs["chosen_detector_delta"] = delta
     return WithDetector(method, det, delta), logs
