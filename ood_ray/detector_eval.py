@@ -185,8 +185,8 @@ def evaluate_model(
             ood_scores[n][name] = s
         table.rows.append(name)
         table.params[name] = result["params"]
-        if det.fitted():
-            table.fitted[name] = det.fitted()
+        if fitted := det.fitted():
+            table.fitted[name] = fitted
         table.val_auroc[name] = result["val_auroc"]
         say(f"[{i}/{len(results)}] {name}: val AUROC {result['val_auroc']:.4f} with {result['params'] or 'no parameters'} ({result['candidates']} tried)")
     id_all = {"logits": test.id["logits"], "labels": test.id["labels"], **{k: v.astype(np.float64) for k, v in id_scores.items()}}

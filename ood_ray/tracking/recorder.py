@@ -66,6 +66,7 @@ class SweepRecorder(tune.Callback):
         self.configs: dict[str, dict] = {}  # trial id -> Tune config (to create its run)
         self.pending: dict[str, dict[int, dict]] = {}  # trial id -> epoch -> metrics not yet logged
         self.ends: dict[str, tuple[str, str]] = {}  # trial id -> (status, outcome) not yet written
+        self.seen: dict[str, int] = {}  # trial id -> its failures when it last started
         self.client = MlflowClient(uri)
         self.down_since: float | None = None
         self.failed_writes = 0
@@ -76,6 +77,7 @@ class SweepRecorder(tune.Callback):
         return d
 
     def __setstate__(self, d):
+        d.setdefault("seen", {})  # a recorder pickled by a sweep of an older version
         self.__dict__.update(d)
         self.client = MlflowClient(self.uri)
 
@@ -84,15 +86,13 @@ class SweepRecorder(tune.Callback):
         self.configs[trial.trial_id] = trial.config
         self.sync()
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        seen = self.__dict__.setdefault("seen", {})  # trial id -> its failures when it last started (none in an older sweep's recorder)
-        failures = trial.num_failures
-        if trial.trial_id in seen:  # again: a retry after a failure, or a PBT trial's next turn (silent: its epochs follow)
-            if failures > seen[trial.trial_id]:
+        failures, before = trial.num_failures, self.seen.get(trial.trial_id)
+        self.seen[trial.trial_id] = failures
+        if before is not None:  # again: a retry after a failure, or a PBT trial's next turn (silent: its epochs follow)
+            if failures > before:
                 epoch = (trial.last_result or {}).get("epoch")
                 say(f"trial {trial.trial_id} restarts after failure {failures}" + (f" (last reported epoch {epoch})" if epoch else "") + " from its checkpoint")
-            seen[trial.trial_id] = failures
             return
-        seen[trial.trial_id] = failures
         say(f"trial {trial.trial_id} started ({done}/{self.num_trials} done); MLflow run {self.runs.get(trial.trial_id, '(not created yet)')}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
